@@ -1,0 +1,541 @@
+//! The worker: fetch from apalis-postgres, verify the envelope, run the job in one
+//! tenant-scoped transaction, record the run, ack.
+//!
+//! Three weaknesses of apalis-postgres 1.0 are handled here (see the shared research note):
+//! - **Payloads that fail to decode stop an apalis worker.** The backend is given a
+//!   pass-through codec ([`RawCodec`]) so decoding can never fail; the bytes are parsed and
+//!   verified by our handler, which rejects bad ones like any other bad envelope.
+//! - **Retries are immediate.** Before a retryable failure is reported, the handler moves the
+//!   job's `run_at` into the future (exponential backoff with jitter); apalis's fetch only
+//!   takes jobs whose `run_at` has passed.
+//! - **Any database error ends `Worker::run`.** [`run`] supervises the apalis worker: on error it
+//!   logs, releases the jobs the dead generation held, backs off and starts a new generation,
+//!   until shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use apalis::layers::WorkerBuilderExt as _;
+use apalis::prelude::*;
+use apalis_core::backend::codec::Codec;
+use apalis_core::backend::ext::poll_strategy::{Strategy, StreamStrategy};
+use apalis_postgres::PostgresStorage;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, field};
+use uuid::Uuid;
+
+use crate::config::{Settings, WorkerSettings};
+use crate::envelope::{JobId, Keyring, Rejection, TenantId};
+use crate::jobs::{JobContext, JobError, JobSpec};
+use crate::queue::REJECTED_PREFIX;
+use crate::tenant::TenantTx;
+
+/// Errors that stop [`run`] (everything else is logged and survived).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The security audit failed; the worker refuses to start.
+    #[error("refusing to start: the security audit failed ({0} problem(s)); run `tenant-worker audit`")]
+    AuditFailed(usize),
+    /// Database error during start-up.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Audit could not run.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::Error),
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The raw stored payload, handed to the handler undecoded.
+#[derive(Debug, Clone)]
+pub struct RawPayload(pub Vec<u8>);
+
+/// A codec that passes bytes through, so a payload that is not JSON (or not UTF-8) reaches
+/// our handler, which rejects it, instead of stopping the apalis worker.
+#[derive(Debug, Clone, Default)]
+pub struct RawCodec;
+
+impl Codec<RawPayload> for RawCodec {
+    type Error = std::convert::Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, val: &RawPayload) -> Result<Vec<u8>, Self::Error> {
+        Ok(val.0.clone())
+    }
+
+    fn decode(&self, val: &Vec<u8>) -> Result<RawPayload, Self::Error> {
+        Ok(RawPayload(val.clone()))
+    }
+}
+
+/// Everything a job handler needs. Job bodies only ever see a [`TenantTx`] from it.
+#[derive(Clone)]
+pub struct WorkerState {
+    app_pool: PgPool,
+    queue_pool: PgPool,
+    keyring: Arc<Keyring>,
+    settings: Arc<WorkerSettings>,
+    stats: Arc<Stats>,
+}
+
+/// Counters for one [`run`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Jobs that took effect.
+    pub done: AtomicU64,
+    /// Jobs skipped because their run record existed (redelivery / replay).
+    pub duplicates: AtomicU64,
+    /// Jobs rejected before touching tenant data.
+    pub rejected: AtomicU64,
+    /// Attempts that failed and will be retried (or are dead).
+    pub failed: AtomicU64,
+}
+
+/// A summary of a finished [`run`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Jobs that took effect.
+    pub done: u64,
+    /// Redeliveries that were no-ops.
+    pub duplicates: u64,
+    /// Rejected jobs.
+    pub rejected: u64,
+    /// Failed attempts.
+    pub failed: u64,
+}
+
+impl WorkerState {
+    /// State for a worker process.
+    pub fn new(app_pool: PgPool, queue_pool: PgPool, keyring: Keyring, settings: &Settings) -> Self {
+        Self {
+            app_pool,
+            queue_pool,
+            keyring: Arc::new(keyring),
+            settings: Arc::new(settings.worker.clone()),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            done: self.stats.done.load(Ordering::Relaxed),
+            duplicates: self.stats.duplicates.load(Ordering::Relaxed),
+            rejected: self.stats.rejected.load(Ordering::Relaxed),
+            failed: self.stats.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Error reported to apalis for a rejected job (becomes `Killed`, never retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{REJECTED_PREFIX}{0}")]
+struct Rejected(Rejection);
+
+/// What happened to one delivery.
+enum Outcome {
+    Done(serde_json::Value),
+    Duplicate,
+}
+
+enum ExecError {
+    Rejected(Rejection),
+    Job(JobError),
+}
+
+impl From<sqlx::Error> for ExecError {
+    fn from(e: sqlx::Error) -> Self {
+        ExecError::Job(e.into())
+    }
+}
+
+impl From<crate::tenant::Error> for ExecError {
+    fn from(e: crate::tenant::Error) -> Self {
+        ExecError::Job(e.into())
+    }
+}
+
+/// The retry delay before attempt `attempt + 1`: `base * 2^(attempt-1)`, capped, with "equal
+/// jitter" (uniform in the upper half) so retries of many jobs spread out.
+pub fn backoff_delay(settings: &WorkerSettings, attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(32);
+    let raw = settings
+        .backoff_base_ms
+        .saturating_mul(1u64 << exp)
+        .min(settings.backoff_max_ms);
+    let half = raw / 2;
+    let jitter = if half > 0 {
+        rand::Rng::gen_range(&mut rand::thread_rng(), 0..=half)
+    } else {
+        0
+    };
+    Duration::from_millis(raw - half + jitter)
+}
+
+/// The apalis handler: one delivery of one job.
+async fn handle(
+    payload: RawPayload,
+    state: Data<WorkerState>,
+    task_id: TaskId,
+    attempt: Attempt,
+) -> Result<serde_json::Value, BoxDynError> {
+    let attempt = attempt.current() as u32;
+    let row_id = task_id.to_string();
+    let queued_id = JobId::parse_any(&row_id);
+    let span = tracing::info_span!(
+        "job",
+        job_id = %queued_id.map(|j| j.to_string()).unwrap_or_else(|| row_id.clone()),
+        tenant_id = field::Empty,
+        kind = field::Empty,
+        attempt
+    );
+    async move {
+        let now = chrono::Utc::now().timestamp();
+        let verified = match state
+            .keyring
+            .verify(&payload.0, state.settings.max_payload_bytes, queued_id, now)
+        {
+            Ok(v) => v,
+            Err(r) => return Err(reject(&state, r)),
+        };
+        let span = tracing::Span::current();
+        span.record("tenant_id", field::display(verified.tenant_id));
+        span.record("kind", field::display(&verified.kind));
+        let spec = match JobSpec::parse(&verified.kind, &verified.args) {
+            Ok(s) => s,
+            Err(r) => return Err(reject(&state, r)),
+        };
+        let ctx = JobContext {
+            job_id: verified.job_id,
+            attempt,
+        };
+        let timeout = state.settings.timeout_for(spec.kind());
+        let result = tokio::time::timeout(
+            timeout,
+            execute(&state.app_pool, verified.tenant_id, &spec, &ctx),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ExecError::Job(JobError::Retryable(format!(
+                "timed out after {}s",
+                timeout.as_secs()
+            ))))
+        });
+        match result {
+            Ok(Outcome::Done(out)) => {
+                state.stats.done.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("job done");
+                Ok(out)
+            }
+            Ok(Outcome::Duplicate) => {
+                state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("job already took effect; redelivery ignored");
+                Ok(serde_json::json!({ "duplicate": true }))
+            }
+            Err(ExecError::Rejected(r)) => Err(reject(&state, r)),
+            Err(ExecError::Job(JobError::Fatal(msg))) => {
+                state.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error.message = %msg, "job failed permanently");
+                Err(AbortError::new(JobFailed(msg)).into())
+            }
+            Err(ExecError::Job(JobError::Retryable(msg))) => {
+                state.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let max = state.settings.max_attempts;
+                if attempt < max {
+                    let delay = backoff_delay(&state.settings, attempt);
+                    tracing::warn!(error.message = %msg, retry_in_ms = delay.as_millis() as u64, "job failed; will retry");
+                    if let Err(e) = delay_job(&state.queue_pool, &row_id, delay).await {
+                        tracing::error!(error.message = %e, "could not schedule the retry; it will run sooner");
+                    }
+                } else {
+                    tracing::error!(error.message = %msg, "job failed on its last attempt; it is dead");
+                }
+                Err(Box::new(JobFailed(msg)))
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct JobFailed(String);
+
+fn reject(state: &WorkerState, r: Rejection) -> BoxDynError {
+    state.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(reason = %r, "job rejected");
+    AbortError::new(Rejected(r)).into()
+}
+
+/// Moves a failed job's next run into the future. The ack that follows sets it `Failed` and
+/// apalis fetches `Failed` jobs again only once `run_at` has passed.
+async fn delay_job(queue_pool: &PgPool, row_id: &str, delay: Duration) -> sqlx::Result<()> {
+    sqlx::query("update apalis.jobs set run_at = now() + $2 * interval '1 millisecond' where id = $1")
+        .bind(row_id)
+        .bind(delay.as_millis() as f64)
+        .execute(queue_pool)
+        .await?;
+    Ok(())
+}
+
+/// The scoped part: one transaction, tenant set first, tenant checked, run record claimed,
+/// job body, run record completed (with a tenant-context check), commit.
+async fn execute(
+    pool: &PgPool,
+    tenant: TenantId,
+    spec: &JobSpec,
+    ctx: &JobContext,
+) -> Result<Outcome, ExecError> {
+    let mut tx = TenantTx::begin(pool, tenant).await?;
+    // Under RLS the app role sees only this tenant's row of `tenants`, so "no row" means
+    // unknown tenant. The run record is claimed in the same statement: a second delivery of
+    // the same job waits here for the first to commit, then finds the record and does nothing.
+    let (status, claimed): (Option<String>, bool) = sqlx::query_as(
+        r#"with t as (select status from tenants where id = $1),
+                ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
+                        select $1, $2, $3, $4 from t where t.status = 'active'
+                        on conflict do nothing
+                        returning 1)
+           select (select status from t), exists(select 1 from ins)"#,
+    )
+    .bind(tenant)
+    .bind(ctx.job_id)
+    .bind(spec.kind())
+    .bind(ctx.attempt as i32)
+    .fetch_one(tx.conn())
+    .await?;
+    match status.as_deref() {
+        None => {
+            let _ = tx.rollback().await;
+            return Err(ExecError::Rejected(Rejection::UnknownTenant));
+        }
+        Some("active") => {}
+        Some(_) => {
+            let _ = tx.rollback().await;
+            return Err(ExecError::Rejected(Rejection::SuspendedTenant));
+        }
+    }
+    if !claimed {
+        let _ = tx.rollback().await;
+        return Ok(Outcome::Duplicate);
+    }
+    let out = match spec.run(&mut tx, ctx).await {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(ExecError::Job(e));
+        }
+    };
+    // Completing the run record doubles as the tenant-context check: if the job switched
+    // app.tenant_id, the predicate (and RLS) find no row and the work is rolled back.
+    let completed = sqlx::query(
+        "update job_runs set result = $3, finished_at = now()
+         where tenant_id = $1 and job_id = $2
+           and current_setting('app.tenant_id', true) = $1::text",
+    )
+    .bind(tenant)
+    .bind(ctx.job_id)
+    .bind(&out)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    if completed != 1 {
+        let _ = tx.rollback().await;
+        return Err(ExecError::Job(JobError::Fatal(
+            crate::tenant::Error::ContextTampered.to_string(),
+        )));
+    }
+    tx.commit_checked_by_caller().await?;
+    Ok(Outcome::Done(out))
+}
+
+/// Options of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Exit once no runnable job remains in the queue.
+    pub until_idle: bool,
+    /// Unique name prefix of this worker process (default: host-pid).
+    pub name: Option<String>,
+}
+
+/// Counts jobs a worker could still pick up now or is working on.
+///
+/// # Errors
+/// Database errors.
+pub async fn runnable_jobs(queue_pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+         where job_type = $1
+           and (status in ('Queued', 'Running')
+                or (status = 'Pending' and run_at <= now())
+                or (status = 'Failed' and attempts < max_attempts and run_at <= now()))",
+    )
+    .bind(queue)
+    .fetch_one(queue_pool)
+    .await
+}
+
+fn worker_name(prefix: &Option<String>, generation: u64) -> String {
+    let base = prefix.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        format!("{host}-{}", std::process::id())
+    });
+    format!("tw-{base}-{}-g{generation}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Puts back the jobs a dead worker generation still held, so they run again now rather than
+/// after the heartbeat timeout. Safe even if one of them is still finishing: the run record
+/// makes the second execution a no-op.
+async fn release_jobs(queue_pool: &PgPool, worker: &str) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null
+         where lock_by = $1 and status in ('Queued', 'Running')",
+    )
+    .bind(worker)
+    .execute(queue_pool)
+    .await?
+    .rows_affected())
+}
+
+/// Runs the worker until `shutdown` is cancelled (or, with `until_idle`, until the queue has
+/// no runnable job). Survives database outages: each apalis worker generation that fails is
+/// replaced after a backoff.
+///
+/// On shutdown the worker stops fetching and lets in-flight jobs finish for up to
+/// `worker.shutdown_timeout_secs`; jobs cut off are re-run later and take effect once.
+///
+/// # Errors
+/// Only start-up errors; failures while running are logged and survived.
+pub async fn run(state: WorkerState, opts: RunOptions, shutdown: CancellationToken) -> Result<Summary> {
+    let settings = state.settings.clone();
+    let stop = CancellationToken::new();
+    if opts.until_idle {
+        tokio::spawn(idle_watch(state.queue_pool.clone(), settings.queue.clone(), stop.clone()));
+    }
+    {
+        let stop = stop.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.cancel();
+        });
+    }
+    let mut generation = 0u64;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        generation += 1;
+        let name = worker_name(&opts.name, generation);
+        let started = std::time::Instant::now();
+        let signal = {
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        tracing::info!(worker = %name, "worker started");
+        let run = run_generation(&state, &name, signal);
+        let grace = {
+            let stop = stop.clone();
+            let t = Duration::from_secs(settings.shutdown_timeout_secs);
+            async move {
+                stop.cancelled().await;
+                tokio::time::sleep(t).await;
+            }
+        };
+        let result = tokio::select! {
+            r = run => r,
+            () = grace => {
+                tracing::warn!(worker = %name, "shutdown timeout reached; jobs still running are cut off and will run again later");
+                return Ok(state.summary());
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(worker = %name, "worker stopped");
+                return Ok(state.summary());
+            }
+            Err(e) => {
+                if stop.is_cancelled() {
+                    tracing::warn!(worker = %name, error.message = %e, "worker ended with an error during shutdown");
+                    return Ok(state.summary());
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::error!(worker = %name, error.message = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "worker failed (database unavailable?); restarting after a pause");
+                match release_jobs(&state.queue_pool, &name).await {
+                    Ok(n) if n > 0 => tracing::info!(worker = %name, jobs = n, "released jobs of the failed worker"),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error.message = %e, "could not release jobs yet; the heartbeat timeout will"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return Ok(state.summary()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn idle_watch(queue_pool: PgPool, queue: String, stop: CancellationToken) {
+    let mut idle_checks = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match runnable_jobs(&queue_pool, &queue).await {
+            Ok(0) => idle_checks += 1,
+            Ok(_) => idle_checks = 0,
+            Err(e) => {
+                tracing::debug!(error.message = %e, "idle check failed");
+                idle_checks = 0;
+            }
+        }
+        if idle_checks >= 3 {
+            tracing::info!("queue idle; stopping");
+            stop.cancel();
+            return;
+        }
+    }
+}
+
+/// Builds one apalis worker generation and runs it until `signal` resolves.
+async fn run_generation<F>(state: &WorkerState, name: &str, signal: F) -> Result<(), WorkerError>
+where
+    F: Future<Output = Result<(), std::io::Error>> + Send + 'static,
+{
+    let s = &state.settings;
+    let config = apalis_postgres::Config::default()
+        .queue(s.queue.as_str())
+        .batch_size(s.batch_size)
+        .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
+        .missed_heartbeats(s.missed_heartbeats);
+    let pool = state.queue_pool.clone();
+    // LISTEN/NOTIFY wakes the worker within milliseconds of an insert; the interval picks up
+    // delayed jobs (scheduled, or retrying after backoff), which NOTIFY does not announce.
+    let strategy = Strategy::new()
+        .apply(StreamStrategy::new(apalis_postgres::Pubsub::new(
+            pool.clone(),
+            s.queue.clone(),
+        )))
+        .interval(Duration::from_millis(s.poll_interval_ms));
+    let backend = PostgresStorage::<RawPayload>::new(&pool)
+        .with_config(config)
+        .with_codec(RawCodec)
+        .poll_with_strategy(strategy);
+    WorkerBuilder::new(name)
+        .backend(backend)
+        .data(state.clone())
+        .catch_panic()
+        .concurrency(s.concurrency)
+        .parallelize(tokio::spawn)
+        .build(handle)
+        .run_until(signal)
+        .await
+}
