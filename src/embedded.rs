@@ -686,6 +686,13 @@ impl Ctl {
                         path: self.layout.dir.clone(),
                         reason: format!("cannot tell the server's PID from {text:?}"),
                     })?;
+                if is_zombie(pid) {
+                    // pg_ctl only asks kill(pid, 0), which succeeds for a dead postmaster that
+                    // its parent (init, after pg_ctl exited) has not reaped yet. Container
+                    // inits can take a long time to reap, so treat it as stopped.
+                    debug!(pid, "postmaster is dead but not yet reaped; treating as stopped");
+                    return Ok(PgCtlStatus::Stopped);
+                }
                 Ok(PgCtlStatus::Running { pid })
             }
             Some(3) => Ok(PgCtlStatus::Stopped),
@@ -700,12 +707,45 @@ impl Ctl {
     /// `pg_ctl start -w`, in its own process group so a Ctrl-C sent to our terminal's
     /// process group does not reach PostgreSQL before we have cleaned up ourselves.
     fn start_once(&self) -> Result<()> {
+        self.remove_zombie_lock_files()?;
         let mut cmd = self.pg_ctl("start");
         cmd.arg("-l")
             .arg(&self.layout.log)
             .args(["-w", "-t", PG_CTL_TIMEOUT_SECS])
             .process_group(0);
         self.run_server_command(cmd)
+    }
+
+    /// Removes lock files (`postmaster.pid`, the socket's `.s.PGSQL.<port>.lock`) that name an
+    /// unreaped, dead postmaster: the new postmaster would take the zombie for a live server
+    /// and refuse to start. (Lock files whose process is really gone are handled by PostgreSQL
+    /// itself.)
+    fn remove_zombie_lock_files(&self) -> Result<()> {
+        let mut candidates = vec![self.layout.pgdata.join("postmaster.pid")];
+        if let Ok(entries) = fs::read_dir(&self.layout.dir) {
+            candidates.extend(entries.filter_map(|entry| entry.ok()).map(|e| e.path()).filter(
+                |path| {
+                    path.file_name()
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| name.starts_with(".s.PGSQL.") && name.ends_with(".lock"))
+                },
+            ));
+        }
+        for lock in candidates {
+            let Some(pid) = pid_from_lock_file(&lock) else {
+                continue;
+            };
+            if !is_zombie(pid) {
+                continue;
+            }
+            info!(pid, file = %lock.display(), "removing lock file of a crashed server");
+            match fs::remove_file(&lock) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("removing {}", lock.display()))(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Runs a `pg_ctl start`/`restart`, attaching the server log to a failure.
@@ -807,13 +847,30 @@ fn parse_pid(text: &str) -> Option<u32> {
 }
 
 fn pid_from_pid_file(pgdata: &Path) -> Option<u32> {
-    fs::read_to_string(pgdata.join("postmaster.pid"))
+    pid_from_lock_file(&pgdata.join("postmaster.pid"))
+}
+
+/// The PID on the first line of a PostgreSQL lock file.
+fn pid_from_lock_file(path: &Path) -> Option<u32> {
+    fs::read_to_string(path)
         .ok()?
         .lines()
         .next()?
         .trim()
         .parse()
         .ok()
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped). Linux only (`/proc`); elsewhere the
+/// answer is always `false`.
+fn is_zombie(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "<pid> (<comm>) <state> ...": comm may contain spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "Z")
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -1025,7 +1082,9 @@ impl EphemeralCluster {
 impl Drop for EphemeralCluster {
     fn drop(&mut self) {
         let layout = &self.ctl.layout;
+        // Ask pg_ctl first: stopping a server that crashed would wait for the timeout.
         if layout.pgdata.join("postmaster.pid").exists()
+            && matches!(self.ctl.status(), Ok(PgCtlStatus::Running { .. }))
             && let Err(e) = self.ctl.stop("immediate")
         {
             warn!(error = %e, "stopping throwaway PostgreSQL cluster failed");
@@ -1445,14 +1504,19 @@ mod tests {
         let mut reported = None;
         for line in io::BufReader::new(stdout).lines() {
             let line = line.expect("read child stdout");
-            if let Some(rest) = line.strip_prefix("CLUSTER ") {
+            // libtest prints "test <name> ... " before the test's own output.
+            if let Some(rest) = line.split_once("CLUSTER ").map(|(_, rest)| rest) {
                 reported = rest.split_once(' ').map(|(port, dir)| {
                     (port.parse::<u16>().expect("port"), PathBuf::from(dir))
                 });
                 break;
             }
         }
-        let (port, dir) = reported.expect("child reported its cluster");
+        let Some((port, dir)) = reported else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child process did not report its cluster");
+        };
         assert!(accepts_tcp(port));
         assert!(dir.exists());
 

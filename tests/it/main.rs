@@ -1,0 +1,5 @@
+//! Integration tests: one binary (fast linking), a real PostgreSQL, the locked-down role, the
+//! real queue and the real binary.
+
+mod data_layer;
+mod helpers;
