@@ -105,7 +105,10 @@ async fn role_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Chec
                 format!("alter role {role} nosuperuser"),
             )
         } else {
-            Check::pass(format!("{purpose} role `{role}` is not superuser"), "nosuperuser")
+            Check::pass(
+                format!("{purpose} role `{role}` is not superuser"),
+                "nosuperuser",
+            )
         });
         checks.push(if bypass {
             Check::fail(
@@ -114,15 +117,24 @@ async fn role_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Chec
                 format!("alter role {role} nobypassrls"),
             )
         } else {
-            Check::pass(format!("{purpose} role `{role}` has no BYPASSRLS"), "nobypassrls")
+            Check::pass(
+                format!("{purpose} role `{role}` has no BYPASSRLS"),
+                "nobypassrls",
+            )
         });
     }
     Ok(())
 }
 
 async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Check>) -> Result<()> {
-    let tables: Vec<(sqlx::postgres::types::Oid, String, String, bool, bool, String)> =
-        sqlx::query_as(TENANT_TABLES).fetch_all(admin).await?;
+    let tables: Vec<(
+        sqlx::postgres::types::Oid,
+        String,
+        String,
+        bool,
+        bool,
+        String,
+    )> = sqlx::query_as(TENANT_TABLES).fetch_all(admin).await?;
     if tables.is_empty() {
         checks.push(Check::fail(
             "tenant tables exist",
@@ -180,7 +192,10 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
                 format!("alter table {t} owner to {}", roles.owner),
             )
         } else {
-            Check::pass(format!("{t}: not owned by the app role"), format!("owner `{owner}`"))
+            Check::pass(
+                format!("{t}: not owned by the app role"),
+                format!("owner `{owner}`"),
+            )
         });
         let (queue_reads, app_extra): (bool, bool) = sqlx::query_as(
             "select has_table_privilege($2, $1, 'select'),
@@ -205,10 +220,16 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
             Check::fail(
                 format!("{t}: app role has only DML"),
                 "app role has TRUNCATE, REFERENCES or TRIGGER (TRUNCATE ignores RLS)",
-                format!("revoke truncate, references, trigger on {t} from {}", roles.app),
+                format!(
+                    "revoke truncate, references, trigger on {t} from {}",
+                    roles.app
+                ),
             )
         } else {
-            Check::pass(format!("{t}: app role has only DML"), "select/insert/update/delete at most")
+            Check::pass(
+                format!("{t}: app role has only DML"),
+                "select/insert/update/delete at most",
+            )
         });
     }
     Ok(())

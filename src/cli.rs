@@ -158,7 +158,14 @@ pub enum DevCommand {
 }
 
 const JOB_STATES: &[&str] = &[
-    "pending", "scheduled", "running", "retrying", "done", "dead", "rejected", "cancelled",
+    "pending",
+    "scheduled",
+    "running",
+    "retrying",
+    "done",
+    "dead",
+    "rejected",
+    "cancelled",
 ];
 
 /// Runs a parsed command line.
@@ -177,7 +184,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Migrate => {
             let urls = resolve(&settings).await?;
-            db::migrate(&settings, &urls).await.context("migration failed")?;
+            db::migrate(&settings, &urls)
+                .await
+                .context("migration failed")?;
             println!("migrations applied");
         }
         Command::Tenant(cmd) => tenant_command(&settings, cmd).await?,
@@ -185,7 +194,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let kid = key_id.map(|k| KeyId::parse(&k)).transpose()?;
             let (kid, private, public) = envelope::generate_key_pair(&out, kid)?;
             println!("key id:      {kid}");
-            println!("private key: {} (mode 0600; enqueuers only)", private.display());
+            println!(
+                "private key: {} (mode 0600; enqueuers only)",
+                private.display()
+            );
             println!("public key:  {} (workers)", public.display());
             println!();
             println!("# worker.toml");
@@ -206,7 +218,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let args: serde_json::Value =
                 serde_json::from_str(&args).context("--args is not valid JSON")?;
             let urls = resolve(&settings).await?;
-            let signer = envelope::signer_from_settings(&settings.keys, dev_keys(&settings, &urls).as_deref())?;
+            let signer = envelope::signer_from_settings(
+                &settings.keys,
+                dev_keys(&settings, &urls).as_deref(),
+            )?;
             let pool = db::queue_pool(&settings, &urls).await?;
             let enqueuer = Enqueuer::new(pool, signer, &settings);
             let job = NewJob {
@@ -240,7 +255,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
                         println!("no local cluster in {}", dir.display())
                     }
                     embedded::ClusterStatus::Stopped { port } => {
-                        println!("local cluster in {} is stopped (port {port})", dir.display())
+                        println!(
+                            "local cluster in {} is stopped (port {port})",
+                            dir.display()
+                        )
                     }
                     embedded::ClusterStatus::Running { port, pid } => println!(
                         "local cluster in {} is running on 127.0.0.1:{port} (pid {pid})",
@@ -317,7 +335,14 @@ async fn jobs_command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
             {
                 bail!("unknown state `{s}`; use one of {}", JOB_STATES.join(", "));
             }
-            let jobs = queue::list(&pool, &settings.worker.queue, tenant, state.as_deref(), limit).await?;
+            let jobs = queue::list(
+                &pool,
+                &settings.worker.queue,
+                tenant,
+                state.as_deref(),
+                limit,
+            )
+            .await?;
             for j in jobs {
                 println!(
                     "{}  {:<9}  {:<8}  tenant {}  attempts {}/{}",
@@ -337,12 +362,17 @@ async fn jobs_command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
             println!("kind:      {}", j.kind.as_deref().unwrap_or("?"));
             println!("tenant:    {}", j.tenant_id.as_deref().unwrap_or("?"));
             println!("attempts:  {}/{}", j.attempts, j.max_attempts);
-            let t = |v: Option<DateTime<Utc>>| v.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
+            let t =
+                |v: Option<DateTime<Utc>>| v.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
             println!("run at:    {}", t(j.run_at));
             println!("locked at: {}", t(j.lock_at));
             println!("done at:   {}", t(j.done_at));
             if let Some(err) = j.error() {
-                let label = if j.state == "rejected" { "reason" } else { "error" };
+                let label = if j.state == "rejected" {
+                    "reason"
+                } else {
+                    "error"
+                };
                 println!("{label}:    {err}");
             } else if let Some(r) = &j.last_result {
                 println!("result:    {r}");
@@ -371,16 +401,13 @@ pub fn print_checks(checks: &[audit::Check]) {
         }
     }
     let failed = audit::failures(checks);
-    println!(
-        "{} checks, {} failed",
-        checks.len(),
-        failed
-    );
+    println!("{} checks, {} failed", checks.len(), failed);
 }
 
 async fn run_worker(settings: &Settings, until_idle: bool) -> Result<i32> {
     let urls = resolve(settings).await?;
-    let keyring = envelope::keyring_from_settings(&settings.keys, dev_keys(settings, &urls).as_deref())?;
+    let keyring =
+        envelope::keyring_from_settings(&settings.keys, dev_keys(settings, &urls).as_deref())?;
     if settings.worker.audit_on_start {
         let admin = db::admin_pool(settings, &urls).await?;
         let checks = audit::run(&admin, &settings.roles).await?;
@@ -416,15 +443,16 @@ async fn run_worker(settings: &Settings, until_idle: bool) -> Result<i32> {
 /// Cancels `token` on SIGINT or SIGTERM.
 pub fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error.message = %e, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error.message = %e, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

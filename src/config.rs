@@ -37,7 +37,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The whole settings tree.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     /// Where PostgreSQL is.
@@ -295,15 +295,24 @@ impl Settings {
             });
         }
         let positive = [
-            ("database.max_connections", self.database.max_connections as u64),
+            (
+                "database.max_connections",
+                self.database.max_connections as u64,
+            ),
             ("worker.concurrency", self.worker.concurrency as u64),
             ("worker.batch_size", self.worker.batch_size as u64),
             ("worker.max_attempts", self.worker.max_attempts as u64),
             ("worker.poll_interval_ms", self.worker.poll_interval_ms),
             ("worker.heartbeat_secs", self.worker.heartbeat_secs),
-            ("worker.missed_heartbeats", self.worker.missed_heartbeats as u64),
+            (
+                "worker.missed_heartbeats",
+                self.worker.missed_heartbeats as u64,
+            ),
             ("worker.job_timeout_secs", self.worker.job_timeout_secs),
-            ("worker.max_payload_bytes", self.worker.max_payload_bytes as u64),
+            (
+                "worker.max_payload_bytes",
+                self.worker.max_payload_bytes as u64,
+            ),
             ("keys.job_ttl_secs", self.keys.job_ttl_secs),
         ];
         for (key, value) in positive {
@@ -394,7 +403,11 @@ fn parse_pg_url(key: &'static str, raw: &str) -> Result<url::Url> {
     }
     PgConnectOptions::from_str(raw).map_err(|e| Error::Invalid {
         key,
-        reason: format!("{} in {}", strip_secret(&e.to_string(), &url), redact_url(raw)),
+        reason: format!(
+            "{} in {}",
+            strip_secret(&e.to_string(), &url),
+            redact_url(raw)
+        ),
     })?;
     Ok(url)
 }
@@ -487,17 +500,5 @@ mod tests {
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("database.admin_url"), "{err}");
         assert!(!err.contains("topsecret"), "{err}");
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            database: DatabaseSettings::default(),
-            roles: RoleSettings::default(),
-            keys: KeySettings::default(),
-            worker: WorkerSettings::default(),
-            dev: DevSettings::default(),
-        }
     }
 }

@@ -134,9 +134,10 @@ impl DbUrls {
             return Ok(Self::derive(settings, admin.expose_secret(), false));
         }
         let dir = settings.dev.data_dir.join("pg");
-        let cluster = tokio::task::spawn_blocking(move || embedded::LocalCluster::ensure_running(&dir))
-            .await
-            .map_err(|e| Error::Database(sqlx::Error::Io(std::io::Error::other(e))))??;
+        let cluster =
+            tokio::task::spawn_blocking(move || embedded::LocalCluster::ensure_running(&dir))
+                .await
+                .map_err(|e| Error::Database(sqlx::Error::Io(std::io::Error::other(e))))??;
         let admin = config::with_database(&cluster.admin_url(), LOCAL_DATABASE);
         let urls = Self::derive(settings, &admin, true);
         if !is_set_up(&urls).await? {
@@ -246,10 +247,9 @@ async fn is_set_up(urls: &DbUrls) -> Result<bool> {
         }
         Err(e) => return Err(e),
     };
-    let exists: bool =
-        sqlx::query_scalar("select to_regclass('public.records') is not null")
-            .fetch_one(&mut conn)
-            .await?;
+    let exists: bool = sqlx::query_scalar("select to_regclass('public.records') is not null")
+        .fetch_one(&mut conn)
+        .await?;
     Ok(exists)
 }
 
@@ -260,15 +260,14 @@ async fn is_set_up(urls: &DbUrls) -> Result<bool> {
 /// Connection or permission errors.
 pub async fn ensure_database(admin_url: &SecretString) -> Result<()> {
     let name = config::database_name(admin_url.expose_secret());
-    let maintenance = SecretString::from(config::with_database(
-        admin_url.expose_secret(),
-        "postgres",
-    ));
+    let maintenance =
+        SecretString::from(config::with_database(admin_url.expose_secret(), "postgres"));
     let mut conn = connect("admin", &maintenance).await?;
-    let exists: bool = sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut conn)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
     if !exists {
         let stmt: String = sqlx::query_scalar("select format('create database %I', $1::text)")
             .bind(&name)
@@ -294,8 +293,10 @@ pub async fn setup(settings: &Settings, urls: &DbUrls) -> Result<()> {
     conn.execute("create extension if not exists hstore; create extension if not exists pgcrypto")
         .await?;
     let owner = &settings.roles.owner;
-    conn.execute(AssertSqlSafe(format!(r#"grant usage, create on schema public to "{owner}""#)))
-        .await?;
+    conn.execute(AssertSqlSafe(format!(
+        r#"grant usage, create on schema public to "{owner}""#
+    )))
+    .await?;
     conn.close().await?;
     migrate(settings, urls).await
 }
@@ -370,19 +371,23 @@ async fn ensure_roles(conn: &mut PgConnection, settings: &Settings) -> Result<()
         .await?;
         if let Some(pw) = password {
             // The statement is built server-side with %L quoting and never logged.
-            let stmt: String =
-                sqlx::query_scalar("select format('alter role %I with password %L', $1::text, $2::text)")
-                    .bind(name)
-                    .bind(pw.expose_secret())
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let stmt: String = sqlx::query_scalar(
+                "select format('alter role %I with password %L', $1::text, $2::text)",
+            )
+            .bind(name)
+            .bind(pw.expose_secret())
+            .fetch_one(&mut *conn)
+            .await?;
             conn.execute(AssertSqlSafe(stmt)).await?;
         }
     }
     if !superuser {
         // A CREATEROLE admin must be a member of the owner role to run migrations as it.
-        conn.execute(AssertSqlSafe(format!(r#"grant "{}" to "{me}""#, roles.owner)))
-            .await?;
+        conn.execute(AssertSqlSafe(format!(
+            r#"grant "{}" to "{me}""#,
+            roles.owner
+        )))
+        .await?;
     }
     Ok(())
 }
@@ -395,18 +400,24 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         // The app role: only the DML it needs on tenant tables, through RLS.
         format!(r#"grant usage on schema public to "{app}""#),
         format!(r#"grant select on public.tenants to "{app}""#),
-        format!(r#"grant select, insert, update, delete on public.records, public.job_runs to "{app}""#),
-        format!(r#"grant select on public.v_property, public.v_customer, public.v_invoice to "{app}""#),
+        format!(
+            r#"grant select, insert, update, delete on public.records, public.job_runs to "{app}""#
+        ),
+        format!(
+            r#"grant select on public.v_property, public.v_customer, public.v_invoice to "{app}""#
+        ),
         // The queue role: the apalis schema only.
         format!(r#"grant usage on schema apalis to "{queue}""#),
-        format!(r#"grant select, insert, update, delete on all tables in schema apalis to "{queue}""#),
+        format!(
+            r#"grant select, insert, update, delete on all tables in schema apalis to "{queue}""#
+        ),
         format!(r#"grant execute on all functions in schema apalis to "{queue}""#),
         format!(r#"grant usage on schema public to "{queue}""#),
         // The scheduler role: nothing yet beyond connecting; schedules add a narrow grant.
         format!(r#"grant usage on schema public to "{scheduler}""#),
         // Tenant management (`tenant add/list/...`) runs as the owner, which FORCE subjects to
         // RLS on `tenants` too: this policy lets it see the registry, and only the registry.
-        format!(r#"drop policy if exists tenant_registry on public.tenants"#),
+        "drop policy if exists tenant_registry on public.tenants".to_string(),
         format!(
             r#"create policy tenant_registry on public.tenants as permissive for all to "{owner}" using (true) with check (true)"#
         ),

@@ -115,8 +115,7 @@ impl KeyId {
     /// [`KeyError::BadKeyId`] when empty, too long or with other characters.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let ok = (1..=64).contains(&s.len())
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if ok {
             Ok(Self(s.to_string()))
@@ -279,7 +278,7 @@ pub struct Unsigned {
 }
 
 /// A verified job: the only way to obtain a [`TenantId`] for the worker's scoped transaction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
     /// Job id.
     pub job_id: JobId,
@@ -536,7 +535,10 @@ pub fn fingerprint(key: &VerifyingKey) -> KeyId {
 ///
 /// # Errors
 /// [`KeyError::Io`] when a file exists or cannot be written.
-pub fn generate_key_pair(dir: &Path, key_id: Option<KeyId>) -> Result<(KeyId, PathBuf, PathBuf), KeyError> {
+pub fn generate_key_pair(
+    dir: &Path,
+    key_id: Option<KeyId>,
+) -> Result<(KeyId, PathBuf, PathBuf), KeyError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
 
@@ -586,113 +588,6 @@ pub fn generate_key_pair(dir: &Path, key_id: Option<KeyId>) -> Result<(KeyId, Pa
     Ok((kid, private, public))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn signer() -> Signer {
-        Signer::new(
-            KeyId::parse("test").unwrap(),
-            SigningKey::generate(&mut rand::rngs::OsRng),
-        )
-    }
-
-    fn job(now: i64) -> Unsigned {
-        Unsigned {
-            job_id: JobId::new(),
-            tenant_id: TenantId(Uuid::new_v4()),
-            kind: "noop".into(),
-            args: serde_json::json!({"b": 1, "a": [true, null, "x"]}),
-            issued_at: now,
-            expires_at: now + 60,
-        }
-    }
-
-    fn ring(s: &Signer) -> Keyring {
-        let mut k = Keyring::new();
-        k.insert(s.key_id().clone(), s.verifying_key());
-        k
-    }
-
-    #[test]
-    fn round_trip_and_tampering() {
-        let s = signer();
-        let now = 1_800_000_000;
-        let j = job(now);
-        let env = s.sign(&j);
-        let bytes = serde_json::to_vec(&env).unwrap();
-        let v = ring(&s).verify(&bytes, 1 << 20, Some(j.job_id), now).unwrap();
-        assert_eq!(v.tenant_id, j.tenant_id);
-        assert_eq!(v.args, j.args);
-
-        let mut other = env.clone();
-        other.tenant_id = TenantId(Uuid::new_v4());
-        let b = serde_json::to_vec(&other).unwrap();
-        assert_eq!(ring(&s).verify(&b, 1 << 20, None, now), Err(Rejection::BadSignature));
-
-        let mut other = env.clone();
-        other.args = RawValue::from_string(r#"{"b":2,"a":[true,null,"x"]}"#.into()).unwrap();
-        let b = serde_json::to_vec(&other).unwrap();
-        assert_eq!(ring(&s).verify(&b, 1 << 20, None, now), Err(Rejection::BadSignature));
-
-        assert!(matches!(
-            ring(&s).verify(&bytes, 1 << 20, None, now + 61),
-            Err(Rejection::Expired { .. })
-        ));
-        assert_eq!(
-            Keyring::new().verify(&bytes, 1 << 20, None, now),
-            Err(Rejection::UnknownKey("test".into()))
-        );
-        assert!(matches!(
-            ring(&s).verify(b"\xff\xfe not json", 1 << 20, None, now),
-            Err(Rejection::Malformed(_))
-        ));
-        assert!(matches!(
-            ring(&s).verify(&bytes, 10, None, now),
-            Err(Rejection::TooLarge { .. })
-        ));
-        assert_eq!(
-            ring(&s).verify(&bytes, 1 << 20, Some(JobId::new()), now),
-            Err(Rejection::JobIdMismatch)
-        );
-    }
-
-    #[test]
-    fn signature_copied_from_another_job_fails() {
-        let s = signer();
-        let now = 1_800_000_000;
-        let a = s.sign(&job(now));
-        let mut b = s.sign(&job(now));
-        b.sig = a.sig.clone();
-        let bytes = serde_json::to_vec(&b).unwrap();
-        assert_eq!(ring(&s).verify(&bytes, 1 << 20, None, now), Err(Rejection::BadSignature));
-    }
-
-    #[test]
-    fn canonical_bytes_are_length_prefixed() {
-        let id = JobId(Uuid::nil());
-        let t = TenantId(Uuid::nil());
-        let b = signing_bytes(id, t, "noop", "{}", 1, 2, "k");
-        assert!(b.starts_with(DOMAIN));
-        let rest = &b[DOMAIN.len()..];
-        assert_eq!(&rest[..4], &36u32.to_be_bytes());
-        assert_eq!(&rest[4..40], Uuid::nil().hyphenated().to_string().as_bytes());
-    }
-
-    #[test]
-    fn generated_keys_load_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (kid, private, public) = generate_key_pair(dir.path(), None).unwrap();
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let s = Signer::from_file(kid.clone(), &private).unwrap();
-        let p = Keyring::load_public(&public).unwrap();
-        assert_eq!(s.verifying_key(), p);
-        assert!(generate_key_pair(dir.path(), Some(kid)).is_err(), "must not overwrite");
-    }
-}
-
 /// Key id of the development key pair made on first use of the local default cluster.
 pub const DEV_KEY_ID: &str = "dev";
 
@@ -707,8 +602,7 @@ pub fn ensure_dev_keys(dir: &Path) -> Result<(PathBuf, PathBuf, bool), KeyError>
     if private.exists() && public.exists() {
         return Ok((private, public, false));
     }
-    let (_, private, public) =
-        generate_key_pair(dir, Some(KeyId(DEV_KEY_ID.to_string())))?;
+    let (_, private, public) = generate_key_pair(dir, Some(KeyId(DEV_KEY_ID.to_string())))?;
     Ok((private, public, true))
 }
 
@@ -764,4 +658,128 @@ pub fn keyring_from_settings(
         return Err(KeyError::NoVerifyingKeys);
     }
     Ok(ring)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> Signer {
+        Signer::new(
+            KeyId::parse("test").unwrap(),
+            SigningKey::generate(&mut rand::rngs::OsRng),
+        )
+    }
+
+    fn job(now: i64) -> Unsigned {
+        Unsigned {
+            job_id: JobId::new(),
+            tenant_id: TenantId(Uuid::new_v4()),
+            kind: "noop".into(),
+            args: serde_json::json!({"b": 1, "a": [true, null, "x"]}),
+            issued_at: now,
+            expires_at: now + 60,
+        }
+    }
+
+    fn ring(s: &Signer) -> Keyring {
+        let mut k = Keyring::new();
+        k.insert(s.key_id().clone(), s.verifying_key());
+        k
+    }
+
+    #[test]
+    fn round_trip_and_tampering() {
+        let s = signer();
+        let now = 1_800_000_000;
+        let j = job(now);
+        let env = s.sign(&j);
+        let bytes = serde_json::to_vec(&env).unwrap();
+        let v = ring(&s)
+            .verify(&bytes, 1 << 20, Some(j.job_id), now)
+            .unwrap();
+        assert_eq!(v.tenant_id, j.tenant_id);
+        assert_eq!(v.args, j.args);
+
+        let mut other = env.clone();
+        other.tenant_id = TenantId(Uuid::new_v4());
+        let b = serde_json::to_vec(&other).unwrap();
+        assert_eq!(
+            ring(&s).verify(&b, 1 << 20, None, now),
+            Err(Rejection::BadSignature)
+        );
+
+        let mut other = env.clone();
+        other.args = RawValue::from_string(r#"{"b":2,"a":[true,null,"x"]}"#.into()).unwrap();
+        let b = serde_json::to_vec(&other).unwrap();
+        assert_eq!(
+            ring(&s).verify(&b, 1 << 20, None, now),
+            Err(Rejection::BadSignature)
+        );
+
+        assert!(matches!(
+            ring(&s).verify(&bytes, 1 << 20, None, now + 61),
+            Err(Rejection::Expired { .. })
+        ));
+        assert_eq!(
+            Keyring::new().verify(&bytes, 1 << 20, None, now),
+            Err(Rejection::UnknownKey("test".into()))
+        );
+        assert!(matches!(
+            ring(&s).verify(b"\xff\xfe not json", 1 << 20, None, now),
+            Err(Rejection::Malformed(_))
+        ));
+        assert!(matches!(
+            ring(&s).verify(&bytes, 10, None, now),
+            Err(Rejection::TooLarge { .. })
+        ));
+        assert_eq!(
+            ring(&s).verify(&bytes, 1 << 20, Some(JobId::new()), now),
+            Err(Rejection::JobIdMismatch)
+        );
+    }
+
+    #[test]
+    fn signature_copied_from_another_job_fails() {
+        let s = signer();
+        let now = 1_800_000_000;
+        let a = s.sign(&job(now));
+        let mut b = s.sign(&job(now));
+        b.sig = a.sig.clone();
+        let bytes = serde_json::to_vec(&b).unwrap();
+        assert_eq!(
+            ring(&s).verify(&bytes, 1 << 20, None, now),
+            Err(Rejection::BadSignature)
+        );
+    }
+
+    #[test]
+    fn canonical_bytes_are_length_prefixed() {
+        let id = JobId(Uuid::nil());
+        let t = TenantId(Uuid::nil());
+        let b = signing_bytes(id, t, "noop", "{}", 1, 2, "k");
+        assert!(b.starts_with(DOMAIN));
+        let rest = &b[DOMAIN.len()..];
+        assert_eq!(&rest[..4], &36u32.to_be_bytes());
+        assert_eq!(
+            &rest[4..40],
+            Uuid::nil().hyphenated().to_string().as_bytes()
+        );
+    }
+
+    #[test]
+    fn generated_keys_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kid, private, public) = generate_key_pair(dir.path(), None).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let s = Signer::from_file(kid.clone(), &private).unwrap();
+        let p = Keyring::load_public(&public).unwrap();
+        assert_eq!(s.verifying_key(), p);
+        assert!(
+            generate_key_pair(dir.path(), Some(kid)).is_err(),
+            "must not overwrite"
+        );
+    }
 }

@@ -146,7 +146,7 @@ impl Enqueuer {
     /// [`Error::Invalid`] for an unknown kind or bad arguments; database errors.
     pub async fn enqueue(&self, tenant: TenantId, job: NewJob) -> Result<Option<JobId>> {
         let mut conn = self.pool.acquire().await?;
-        Ok(self.enqueue_in(&mut conn, tenant, job).await?)
+        self.enqueue_in(&mut conn, tenant, job).await
     }
 
     /// Signs and enqueues a typed job.
@@ -195,7 +195,10 @@ impl Enqueuer {
             .into_iter()
             .map(|(t, j)| self.prepare(t, j))
             .collect::<Result<Vec<_>>>()?;
-        let ids: Vec<String> = prepared.iter().map(|p| p.id.to_ulid().to_string()).collect();
+        let ids: Vec<String> = prepared
+            .iter()
+            .map(|p| p.id.to_ulid().to_string())
+            .collect();
         let payloads: Vec<Vec<u8>> = prepared.iter().map(|p| p.payload.clone()).collect();
         let run_ats: Vec<DateTime<Utc>> = prepared.iter().map(|p| p.run_at).collect();
         let priorities: Vec<i32> = prepared.iter().map(|p| p.priority).collect();
@@ -289,14 +292,32 @@ pub const CANCELLED: &str = "cancelled by operator";
 fn last_error(v: &Option<serde_json::Value>) -> Option<String> {
     let v = v.as_ref()?;
     let err = v.get("Err").unwrap_or(v);
-    Some(match err {
+    let text = match err {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
-    })
+    };
+    // apalis stores the error's Display, which prefixes the wrapper type's name.
+    Some(
+        text.strip_prefix("AbortError: ")
+            .map(str::to_string)
+            .unwrap_or(text),
+    )
 }
 
 fn to_info(r: JobRow) -> JobInfo {
-    let (id, status, attempts, max_attempts, run_at, lock_at, done_at, last_result, tenant, kind, lock_by) = r;
+    let (
+        id,
+        status,
+        attempts,
+        max_attempts,
+        run_at,
+        lock_at,
+        done_at,
+        last_result,
+        tenant,
+        kind,
+        lock_by,
+    ) = r;
     let err = last_error(&last_result).unwrap_or_default();
     let now = Utc::now();
     let state = match status.as_str() {
@@ -372,11 +393,13 @@ pub async fn list(
 /// # Errors
 /// [`Error::NotFound`] or database errors.
 pub async fn show(pool: &PgPool, id: &str) -> Result<JobInfo> {
-    let job_id = JobId::parse_any(id).ok_or_else(|| Error::NotFound(id.chars().take(64).collect()))?;
-    let row: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_JOBS} where id = $1")))
-        .bind(job_id.to_ulid().to_string())
-        .fetch_optional(pool)
-        .await?;
+    let job_id =
+        JobId::parse_any(id).ok_or_else(|| Error::NotFound(id.chars().take(64).collect()))?;
+    let row: Option<JobRow> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_JOBS} where id = $1")))
+            .bind(job_id.to_ulid().to_string())
+            .fetch_optional(pool)
+            .await?;
     row.map(to_info)
         .ok_or_else(|| Error::NotFound(id.to_string()))
 }
@@ -388,14 +411,19 @@ pub async fn show(pool: &PgPool, id: &str) -> Result<JobInfo> {
 /// [`Error::NotFound`], [`Error::WrongState`] or database errors.
 pub async fn retry(pool: &PgPool, id: &str) -> Result<()> {
     let info = show(pool, id).await?;
-    if !matches!(info.state.as_str(), "dead" | "rejected" | "cancelled" | "retrying") {
+    if !matches!(
+        info.state.as_str(),
+        "dead" | "rejected" | "cancelled" | "retrying"
+    ) {
         return Err(Error::WrongState {
             id: info.id,
             state: info.state,
             what: "retry",
         });
     }
-    let ulid = JobId::parse_any(id).map(|j| j.to_ulid().to_string()).unwrap_or_default();
+    let ulid = JobId::parse_any(id)
+        .map(|j| j.to_ulid().to_string())
+        .unwrap_or_default();
     sqlx::query(
         "update apalis.jobs set status = 'Pending', attempts = 0, run_at = now(), lock_by = null,
                 lock_at = null, done_at = null
@@ -413,7 +441,9 @@ pub async fn retry(pool: &PgPool, id: &str) -> Result<()> {
 /// [`Error::NotFound`], [`Error::WrongState`] or database errors.
 pub async fn cancel(pool: &PgPool, id: &str) -> Result<()> {
     let info = show(pool, id).await?;
-    let ulid = JobId::parse_any(id).map(|j| j.to_ulid().to_string()).unwrap_or_default();
+    let ulid = JobId::parse_any(id)
+        .map(|j| j.to_ulid().to_string())
+        .unwrap_or_default();
     let n = sqlx::query(
         "update apalis.jobs set status = 'Killed', done_at = now(), lock_by = null,
                 last_result = jsonb_build_object('Err', $2::text)

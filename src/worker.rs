@@ -36,7 +36,9 @@ use crate::tenant::TenantTx;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The security audit failed; the worker refuses to start.
-    #[error("refusing to start: the security audit failed ({0} problem(s)); run `tenant-worker audit`")]
+    #[error(
+        "refusing to start: the security audit failed ({0} problem(s)); run `tenant-worker audit`"
+    )]
     AuditFailed(usize),
     /// Database error during start-up.
     #[error(transparent)]
@@ -109,7 +111,12 @@ pub struct Summary {
 
 impl WorkerState {
     /// State for a worker process.
-    pub fn new(app_pool: PgPool, queue_pool: PgPool, keyring: Keyring, settings: &Settings) -> Self {
+    pub fn new(
+        app_pool: PgPool,
+        queue_pool: PgPool,
+        keyring: Keyring,
+        settings: &Settings,
+    ) -> Self {
         Self {
             app_pool,
             queue_pool,
@@ -273,11 +280,13 @@ fn reject(state: &WorkerState, r: Rejection) -> BoxDynError {
 /// Moves a failed job's next run into the future. The ack that follows sets it `Failed` and
 /// apalis fetches `Failed` jobs again only once `run_at` has passed.
 async fn delay_job(queue_pool: &PgPool, row_id: &str, delay: Duration) -> sqlx::Result<()> {
-    sqlx::query("update apalis.jobs set run_at = now() + $2 * interval '1 millisecond' where id = $1")
-        .bind(row_id)
-        .bind(delay.as_millis() as f64)
-        .execute(queue_pool)
-        .await?;
+    sqlx::query(
+        "update apalis.jobs set run_at = now() + $2 * interval '1 millisecond' where id = $1",
+    )
+    .bind(row_id)
+    .bind(delay.as_millis() as f64)
+    .execute(queue_pool)
+    .await?;
     Ok(())
 }
 
@@ -385,7 +394,10 @@ fn worker_name(prefix: &Option<String>, generation: u64) -> String {
             .unwrap_or_else(|_| "host".into());
         format!("{host}-{}", std::process::id())
     });
-    format!("tw-{base}-{}-g{generation}", &Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "tw-{base}-{}-g{generation}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Puts back the jobs a dead worker generation still held, so they run again now rather than
@@ -411,11 +423,19 @@ async fn release_jobs(queue_pool: &PgPool, worker: &str) -> sqlx::Result<u64> {
 ///
 /// # Errors
 /// Only start-up errors; failures while running are logged and survived.
-pub async fn run(state: WorkerState, opts: RunOptions, shutdown: CancellationToken) -> Result<Summary> {
+pub async fn run(
+    state: WorkerState,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<Summary> {
     let settings = state.settings.clone();
     let stop = CancellationToken::new();
     if opts.until_idle {
-        tokio::spawn(idle_watch(state.queue_pool.clone(), settings.queue.clone(), stop.clone()));
+        tokio::spawn(idle_watch(
+            state.queue_pool.clone(),
+            settings.queue.clone(),
+            stop.clone(),
+        ));
     }
     {
         let stop = stop.clone();
@@ -471,9 +491,13 @@ pub async fn run(state: WorkerState, opts: RunOptions, shutdown: CancellationTok
                 tracing::error!(worker = %name, error.message = %e, retry_in_ms = backoff.as_millis() as u64,
                     "worker failed (database unavailable?); restarting after a pause");
                 match release_jobs(&state.queue_pool, &name).await {
-                    Ok(n) if n > 0 => tracing::info!(worker = %name, jobs = n, "released jobs of the failed worker"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(worker = %name, jobs = n, "released jobs of the failed worker")
+                    }
                     Ok(_) => {}
-                    Err(e) => tracing::debug!(error.message = %e, "could not release jobs yet; the heartbeat timeout will"),
+                    Err(e) => {
+                        tracing::debug!(error.message = %e, "could not release jobs yet; the heartbeat timeout will")
+                    }
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -28,7 +28,9 @@ impl From<sqlx::Error> for JobError {
         // Data errors (constraint violations, bad casts) will not fix themselves; connection
         // and server-side transient errors might.
         match e.as_database_error().and_then(|d| d.code()) {
-            Some(code) if code.starts_with("23") || code.starts_with("22") || code.starts_with("42") => {
+            Some(code)
+                if code.starts_with("23") || code.starts_with("22") || code.starts_with("42") =>
+            {
                 JobError::Fatal(e.to_string())
             }
             _ => JobError::Retryable(e.to_string()),
@@ -129,7 +131,11 @@ impl JobSpec {
     ///
     /// # Errors
     /// [`JobError`] classified by the kind.
-    pub async fn run(&self, tx: &mut TenantTx, ctx: &JobContext) -> Result<serde_json::Value, JobError> {
+    pub async fn run(
+        &self,
+        tx: &mut TenantTx,
+        ctx: &JobContext,
+    ) -> Result<serde_json::Value, JobError> {
         match self {
             JobSpec::Noop(a) => a.run(tx, ctx).await,
         }

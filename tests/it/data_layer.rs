@@ -32,8 +32,10 @@ async fn seed(app: &PgPool, tenant: TenantId, extra: usize) -> i64 {
     }
     sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'invoice', $2)")
         .bind(tenant)
-        .bind(json!({"customer_id": customer, "number": "INV-1", "amount": 100.5, "currency": "EUR",
-                     "status": "open", "issued_on": "2026-01-01", "due_on": "2026-02-01"}))
+        .bind(
+            json!({"customer_id": customer, "number": "INV-1", "amount": 100.5, "currency": "EUR",
+                     "status": "open", "issued_on": "2026-01-01", "due_on": "2026-02-01"}),
+        )
         .execute(tx.conn())
         .await
         .unwrap();
@@ -59,7 +61,10 @@ async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
     let app = db.app().await;
     let n_a = seed(&app, a, 3).await;
     let n_b = seed(&app, b, 0).await;
-    assert_ne!(n_a, n_b, "different sizes make a leak visible in the counts");
+    assert_ne!(
+        n_a, n_b,
+        "different sizes make a leak visible in the counts"
+    );
 
     // Ground truth, read as the superuser (which bypasses RLS).
     let admin = db.admin().await;
@@ -88,7 +93,14 @@ async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
 
     // No tenant context: nothing, through the table and through every view.
     let mut conn = app.acquire().await.unwrap();
-    for rel in ["records", "v_property", "v_customer", "v_invoice", "job_runs", "tenants"] {
+    for rel in [
+        "records",
+        "v_property",
+        "v_customer",
+        "v_invoice",
+        "job_runs",
+        "tenants",
+    ] {
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {rel}")))
             .fetch_one(&mut *conn)
             .await
@@ -105,11 +117,12 @@ async fn with_check_refuses_writing_for_another_tenant() {
     seed(&app, b, 0).await;
 
     let mut tx = db.scoped(&app, a).await;
-    let err = sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', '{}')")
-        .bind(b)
-        .execute(tx.conn())
-        .await
-        .unwrap_err();
+    let err =
+        sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', '{}')")
+            .bind(b)
+            .execute(tx.conn())
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
     tx.rollback().await.unwrap();
 
@@ -151,11 +164,13 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
     seed(&app, b, 5).await;
     let admin = db.admin().await;
     for view in VIEWS {
-        let owner: String = sqlx::query_scalar("select pg_get_userbyid(relowner)::text from pg_class where oid = $1::regclass")
-            .bind(view)
-            .fetch_one(&admin)
-            .await
-            .unwrap();
+        let owner: String = sqlx::query_scalar(
+            "select pg_get_userbyid(relowner)::text from pg_class where oid = $1::regclass",
+        )
+        .bind(view)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
         assert_eq!(owner, db.settings.roles.owner);
     }
     // The gotcha itself: the same view definition over a copy WITHOUT force, queried as the
@@ -173,9 +188,12 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
     )))
     .await
     .unwrap();
-    conn.execute(sqlx::AssertSqlSafe(format!(r#"set role "{}""#, db.settings.roles.owner)))
-        .await
-        .unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        r#"set role "{}""#,
+        db.settings.roles.owner
+    )))
+    .await
+    .unwrap();
     sqlx::query("select set_config('app.tenant_id', $1, false)")
         .bind(a.to_string())
         .execute(&mut *conn)
@@ -189,7 +207,11 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(leaky, 3 + 7, "without FORCE the owner's view shows both tenants");
+    assert_eq!(
+        leaky,
+        3 + 7,
+        "without FORCE the owner's view shows both tenants"
+    );
     assert_eq!(safe, 3, "with FORCE the owner's view shows one tenant");
 }
 
@@ -222,11 +244,32 @@ async fn every_tenant_table_has_rls_enabled_forced_and_a_restrictive_policy() {
         .execute("create table forgot (tenant_id uuid, x int)")
         .await
         .unwrap();
-    let checks = tenant_worker::audit::run(&admin, &db.settings.roles).await.unwrap();
-    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect();
-    assert!(failed.iter().any(|n| n.contains("public.forgot: row level security enabled")), "{failed:?}");
-    assert!(failed.iter().any(|n| n.contains("public.forgot: row level security forced")), "{failed:?}");
-    assert!(failed.iter().any(|n| n.contains("public.forgot: restrictive tenant policy")), "{failed:?}");
+    let checks = tenant_worker::audit::run(&admin, &db.settings.roles)
+        .await
+        .unwrap();
+    let failed: Vec<_> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.clone())
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|n| n.contains("public.forgot: row level security enabled")),
+        "{failed:?}"
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|n| n.contains("public.forgot: row level security forced")),
+        "{failed:?}"
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|n| n.contains("public.forgot: restrictive tenant policy")),
+        "{failed:?}"
+    );
 }
 
 #[tokio::test]
@@ -260,20 +303,34 @@ async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next(
     let pid_a: i32;
     {
         let mut tx = db.scoped(&one, a).await;
-        pid_a = sqlx::query_scalar("select pg_backend_pid()").fetch_one(tx.conn()).await.unwrap();
+        pid_a = sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(tx.conn())
+            .await
+            .unwrap();
         assert_eq!(count(&mut tx, "records").await, (6, 0));
         tx.commit().await.unwrap();
     }
     {
         let mut conn = one.acquire().await.unwrap();
-        let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
-        assert_eq!(pid, pid_a, "same physical connection");
-        let setting: Option<String> = sqlx::query_scalar("select current_setting('app.tenant_id', true)")
+        let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
             .fetch_one(&mut *conn)
             .await
             .unwrap();
-        assert_eq!(setting.as_deref(), Some(""), "the local setting ended with the transaction");
-        let n: i64 = sqlx::query_scalar("select count(*) from records").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(pid, pid_a, "same physical connection");
+        let setting: Option<String> =
+            sqlx::query_scalar("select current_setting('app.tenant_id', true)")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            setting.as_deref(),
+            Some(""),
+            "the local setting ended with the transaction"
+        );
+        let n: i64 = sqlx::query_scalar("select count(*) from records")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
         assert_eq!(n, 0);
     }
     let mut tx = db.scoped(&one, b).await;
@@ -289,13 +346,18 @@ async fn the_policy_fails_closed_when_unset_ended_or_garbage() {
     seed(&app, a, 0).await;
     let mut conn = app.acquire().await.unwrap();
     // 1. Never set in this session.
-    let mut fresh = tenant_worker::db::connect("app", &db.urls.app).await.unwrap();
+    let mut fresh = tenant_worker::db::connect("app", &db.urls.app)
+        .await
+        .unwrap();
     let never: Option<String> = sqlx::query_scalar("select current_setting('app.tenant_id', true)")
         .fetch_one(&mut fresh)
         .await
         .unwrap();
     assert_eq!(never, None);
-    let n: i64 = sqlx::query_scalar("select count(*) from records").fetch_one(&mut fresh).await.unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from records")
+        .fetch_one(&mut fresh)
+        .await
+        .unwrap();
     assert_eq!(n, 0);
     // 2. Set in an earlier transaction that ended: reads back as ''.
     conn.execute(sqlx::AssertSqlSafe(format!(
@@ -303,17 +365,30 @@ async fn the_policy_fails_closed_when_unset_ended_or_garbage() {
     )))
     .await
     .unwrap();
-    let n: i64 = sqlx::query_scalar("select count(*) from v_property").fetch_one(&mut *conn).await.unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from v_property")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     assert_eq!(n, 0);
     // 3. Garbage: the query errors rather than showing anything.
     conn.execute("begin").await.unwrap();
-    conn.execute("select set_config('app.tenant_id', '1 or true', true)").await.unwrap();
+    conn.execute("select set_config('app.tenant_id', '1 or true', true)")
+        .await
+        .unwrap();
     let garbage = sqlx::query_scalar::<_, i64>("select count(*) from records")
         .fetch_one(&mut *conn)
         .await;
     conn.execute("rollback").await.unwrap();
-    assert!(garbage.is_err(), "garbage tenant id must error, got {garbage:?}");
-    assert!(garbage.unwrap_err().to_string().contains("invalid input syntax for type uuid"));
+    assert!(
+        garbage.is_err(),
+        "garbage tenant id must error, got {garbage:?}"
+    );
+    assert!(
+        garbage
+            .unwrap_err()
+            .to_string()
+            .contains("invalid input syntax for type uuid")
+    );
 }
 
 #[tokio::test]
@@ -325,11 +400,13 @@ async fn customer_email_is_unique_per_tenant_case_insensitively() {
         let app = app.clone();
         async move {
             let mut tx = TenantTx::begin(&app, t).await.unwrap();
-            let r = sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'customer', $2)")
-                .bind(t)
-                .bind(json!({"name": "x", "email": email}))
-                .execute(tx.conn())
-                .await;
+            let r = sqlx::query(
+                "insert into records (tenant_id, kind, data) values ($1, 'customer', $2)",
+            )
+            .bind(t)
+            .bind(json!({"name": "x", "email": email}))
+            .execute(tx.conn())
+            .await;
             match r {
                 Ok(_) => tx.commit().await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
@@ -342,7 +419,10 @@ async fn customer_email_is_unique_per_tenant_case_insensitively() {
     let err = insert(a, "SAME@example.TEST").await.unwrap_err();
     assert!(err.contains("customer_email_unique_per_tenant"), "{err}");
     // The rejection mentions only A's own data.
-    assert!(err.contains(&a.to_string()) || !err.contains(&b.to_string()), "{err}");
+    assert!(
+        err.contains(&a.to_string()) || !err.contains(&b.to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -370,15 +450,20 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
         let app = app.clone();
         async move {
             let mut tx = TenantTx::begin(&app, a).await.unwrap();
-            let r = sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'invoice', $2)")
-                .bind(a)
-                .bind(json!({"customer_id": customer, "number": "1", "amount": 1}))
-                .execute(tx.conn())
-                .await;
+            let r = sqlx::query(
+                "insert into records (tenant_id, kind, data) values ($1, 'invoice', $2)",
+            )
+            .bind(a)
+            .bind(json!({"customer_id": customer, "number": "1", "amount": 1}))
+            .execute(tx.conn())
+            .await;
             let _ = tx.commit().await;
             r.map(|_| ()).map_err(|e| {
                 let db = e.as_database_error().unwrap();
-                (db.constraint().map(str::to_string), db.message().to_string())
+                (
+                    db.constraint().map(str::to_string),
+                    db.message().to_string(),
+                )
             })
         }
     };
@@ -391,11 +476,13 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
     assert_eq!(cross.1, dangling.1);
     // An invoice pointing at a non-customer record of A fails the same way.
     let mut tx = db.scoped(&app, a).await;
-    let prop: Uuid = sqlx::query_scalar("insert into records (tenant_id, kind, data) values ($1, 'property', '{}') returning id")
-        .bind(a)
-        .fetch_one(tx.conn())
-        .await
-        .unwrap();
+    let prop: Uuid = sqlx::query_scalar(
+        "insert into records (tenant_id, kind, data) values ($1, 'property', '{}') returning id",
+    )
+    .bind(a)
+    .fetch_one(tx.conn())
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(invoice(prop).await.unwrap_err().0, dangling.0);
     // Deleting a referenced customer is refused, naming the rule.
@@ -405,13 +492,18 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
         .execute(tx.conn())
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("invoice_customer_must_exist"), "{err}");
+    assert!(
+        err.to_string().contains("invoice_customer_must_exist"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn setup_is_idempotent_and_the_app_role_is_least_privileged() {
     let db = TestDb::empty().await;
-    tenant_worker::db::setup(&db.settings, &db.urls).await.unwrap();
+    tenant_worker::db::setup(&db.settings, &db.urls)
+        .await
+        .unwrap();
     let admin = db.admin().await;
     let snapshot = |admin: PgPool| async move {
         let q: Vec<(String,)> = sqlx::query_as(
@@ -420,21 +512,33 @@ async fn setup_is_idempotent_and_the_app_role_is_least_privileged() {
         .fetch_all(&admin)
         .await
         .unwrap();
-        let a: i64 = sqlx::query_scalar("select count(*) from apalis._sqlx_migrations").fetch_one(&admin).await.unwrap();
-        let p: i64 = sqlx::query_scalar("select count(*) from pg_policy").fetch_one(&admin).await.unwrap();
+        let a: i64 = sqlx::query_scalar("select count(*) from apalis._sqlx_migrations")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        let p: i64 = sqlx::query_scalar("select count(*) from pg_policy")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
         (q, a, p)
     };
     let before = snapshot(admin.clone()).await;
-    tenant_worker::db::setup(&db.settings, &db.urls).await.unwrap();
-    assert_eq!(before, snapshot(admin.clone()).await);
-    assert!(before.1 > 0, "apalis migrations ran in their own history table");
-
-    let app = &db.settings.roles.app;
-    let (sup, bypass): (bool, bool) = sqlx::query_as("select rolsuper, rolbypassrls from pg_roles where rolname = $1")
-        .bind(app)
-        .fetch_one(&admin)
+    tenant_worker::db::setup(&db.settings, &db.urls)
         .await
         .unwrap();
+    assert_eq!(before, snapshot(admin.clone()).await);
+    assert!(
+        before.1 > 0,
+        "apalis migrations ran in their own history table"
+    );
+
+    let app = &db.settings.roles.app;
+    let (sup, bypass): (bool, bool) =
+        sqlx::query_as("select rolsuper, rolbypassrls from pg_roles where rolname = $1")
+            .bind(app)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
     assert!(!sup && !bypass);
     let owned: i64 = sqlx::query_scalar("select count(*) from pg_class where relowner = (select oid from pg_roles where rolname = $1)")
         .bind(app)
@@ -451,11 +555,12 @@ async fn setup_is_idempotent_and_the_app_role_is_least_privileged() {
             .unwrap();
         assert!(!has, "app role must not have {privilege}");
     }
-    let queue_reads: bool = sqlx::query_scalar("select has_table_privilege($1, 'public.records', 'select')")
-        .bind(&db.settings.roles.queue)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let queue_reads: bool =
+        sqlx::query_scalar("select has_table_privilege($1, 'public.records', 'select')")
+            .bind(&db.settings.roles.queue)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
     assert!(!queue_reads, "the queue role cannot read tenant data");
 }
 
@@ -475,7 +580,11 @@ async fn tenant_cli_adds_lists_suspends_and_activates() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = db.cli(&["tenant", "suspend", &Uuid::new_v4().to_string()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no tenant with id"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no tenant with id"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
@@ -487,7 +596,10 @@ async fn unreachable_database_gives_a_clear_error_without_the_password() {
     let out = helpers::cli_with_env(&["tenant", "list"], &env);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("cannot connect to the admin database"), "{err}");
+    assert!(
+        err.contains("cannot connect to the admin database"),
+        "{err}"
+    );
     assert!(err.contains("127.0.0.1:1"), "{err}");
     assert!(!err.contains("sup3rs3cret"), "password leaked: {err}");
 }
@@ -506,19 +618,35 @@ async fn setup_with_an_admin_lacking_createrole_says_so() {
     let out = helpers::cli_with_env(&["setup"], &env);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("CREATEROLE"), "{}", stderr(&out));
-    admin.execute(sqlx::AssertSqlSafe(format!("drop role {weak}"))).await.unwrap();
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("drop role {weak}")))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn invalid_configuration_names_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         ("TENANT_WORKER__WORKER__CONCURRENCY", "lots", "concurrency"),
-        ("TENANT_WORKER__WORKER__CONCURRENCY", "0", "worker.concurrency"),
-        ("TENANT_WORKER__ROLES__APP", "Robert'); drop table", "roles.app"),
-        ("TENANT_WORKER__DATABASE__ADMIN_URL", "mysql://x:pw@h/db", "database.admin_url"),
+        (
+            "TENANT_WORKER__WORKER__CONCURRENCY",
+            "0",
+            "worker.concurrency",
+        ),
+        (
+            "TENANT_WORKER__ROLES__APP",
+            "Robert'); drop table",
+            "roles.app",
+        ),
+        (
+            "TENANT_WORKER__DATABASE__ADMIN_URL",
+            "mysql://x:pw@h/db",
+            "database.admin_url",
+        ),
     ];
     for (key, value, expected) in cases {
-        let out = helpers::cli_with_env(&["tenant", "list"], &[(key.to_string(), value.to_string())]);
+        let out =
+            helpers::cli_with_env(&["tenant", "list"], &[(key.to_string(), value.to_string())]);
         assert!(!out.status.success(), "{key}={value} accepted");
         let err = stderr(&out);
         assert!(err.contains(expected), "{key}={value}: {err}");
@@ -532,7 +660,10 @@ async fn invalid_configuration_names_the_key() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("max_attempts"), "{}", stderr(&out));
     // A missing explicit config file.
-    let out = helpers::cli_with_env(&["--config", "/nonexistent/worker.toml", "tenant", "list"], &[]);
+    let out = helpers::cli_with_env(
+        &["--config", "/nonexistent/worker.toml", "tenant", "list"],
+        &[],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("worker.toml"), "{}", stderr(&out));
 }

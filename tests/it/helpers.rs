@@ -62,7 +62,10 @@ pub fn server_url(name: &str) -> String {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Settings every test starts from: fast polling, short backoff and heartbeats.
@@ -129,13 +132,20 @@ impl TestDb {
     pub async fn new() -> TestDb {
         let template = template().await;
         let name = unique("tw_test_");
-        let admin = db::pool("admin", &SecretString::from(server_url("postgres")), 1, Duration::from_secs(10))
-            .await
-            .expect("connect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(r#"create database "{name}" template "{template}""#)))
-            .execute(&admin)
-            .await
-            .expect("create test database");
+        let admin = db::pool(
+            "admin",
+            &SecretString::from(server_url("postgres")),
+            1,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"create database "{name}" template "{template}""#
+        )))
+        .execute(&admin)
+        .await
+        .expect("create test database");
         admin.close().await;
         Self::for_database(name, base_settings(&server_url("unused")))
     }
@@ -170,7 +180,14 @@ impl TestDb {
 
     /// Re-derives URLs after a test changed `settings` (e.g. role names).
     pub fn refresh(&mut self) {
-        let url = self.settings.database.admin_url.as_ref().unwrap().expose_secret().to_string();
+        let url = self
+            .settings
+            .database
+            .admin_url
+            .as_ref()
+            .unwrap()
+            .expose_secret()
+            .to_string();
         self.urls = DbUrls::derive(&self.settings, &url, false);
     }
 
@@ -181,23 +198,31 @@ impl TestDb {
 
     /// A superuser pool (for arranging fixtures and reading ground truth).
     pub async fn admin(&self) -> PgPool {
-        db::admin_pool(&self.settings, &self.urls).await.expect("admin pool")
+        db::admin_pool(&self.settings, &self.urls)
+            .await
+            .expect("admin pool")
     }
 
     /// A pool connected as the locked-down app role.
     pub async fn app(&self) -> PgPool {
-        db::app_pool(&self.settings, &self.urls).await.expect("app pool")
+        db::app_pool(&self.settings, &self.urls)
+            .await
+            .expect("app pool")
     }
 
     /// A pool connected as the queue role.
     pub async fn queue(&self) -> PgPool {
-        db::queue_pool(&self.settings, &self.urls).await.expect("queue pool")
+        db::queue_pool(&self.settings, &self.urls)
+            .await
+            .expect("queue pool")
     }
 
     /// Creates a tenant.
     pub async fn tenant(&self, name: &str) -> TenantId {
         let admin = self.admin().await;
-        let t = tenant::add(&admin, &self.settings.roles.owner, name).await.expect("add tenant");
+        let t = tenant::add(&admin, &self.settings.roles.owner, name)
+            .await
+            .expect("add tenant");
         admin.close().await;
         t.id
     }
@@ -224,13 +249,24 @@ impl TestDb {
 
     /// Runs the real worker until the queue is idle.
     pub async fn run_until_idle(&self) -> Summary {
-        self.run_with(RunOptions { until_idle: true, name: None }, CancellationToken::new())
-            .await
+        self.run_with(
+            RunOptions {
+                until_idle: true,
+                name: None,
+            },
+            CancellationToken::new(),
+        )
+        .await
     }
 
     /// Runs the real worker with options and a shutdown token.
     pub async fn run_with(&self, opts: RunOptions, shutdown: CancellationToken) -> Summary {
-        let state = WorkerState::new(self.app().await, self.queue().await, self.keyring(), &self.settings);
+        let state = WorkerState::new(
+            self.app().await,
+            self.queue().await,
+            self.keyring(),
+            &self.settings,
+        );
         tokio::time::timeout(Duration::from_secs(120), worker::run(state, opts, shutdown))
             .await
             .expect("worker finished in time")
@@ -246,19 +282,37 @@ impl TestDb {
     pub fn env(&self) -> Vec<(String, String)> {
         let k = &self.settings.keys;
         let mut v = vec![
-            ("TENANT_WORKER__DATABASE__ADMIN_URL".to_string(), self.admin_url()),
+            (
+                "TENANT_WORKER__DATABASE__ADMIN_URL".to_string(),
+                self.admin_url(),
+            ),
             (
                 "TENANT_WORKER__KEYS__SIGNING_KEY_FILE".into(),
                 k.signing_key_file.as_ref().unwrap().display().to_string(),
             ),
-            ("TENANT_WORKER__KEYS__SIGNING_KEY_ID".into(), k.signing_key_id.clone().unwrap()),
-            ("TENANT_WORKER__WORKER__POLL_INTERVAL_MS".into(), "100".into()),
+            (
+                "TENANT_WORKER__KEYS__SIGNING_KEY_ID".into(),
+                k.signing_key_id.clone().unwrap(),
+            ),
+            (
+                "TENANT_WORKER__WORKER__POLL_INTERVAL_MS".into(),
+                "100".into(),
+            ),
             ("TENANT_WORKER__WORKER__HEARTBEAT_SECS".into(), "1".into()),
-            ("TENANT_WORKER__WORKER__BACKOFF_BASE_MS".into(), "200".into()),
-            ("TENANT_WORKER__WORKER__BACKOFF_MAX_MS".into(), "2000".into()),
+            (
+                "TENANT_WORKER__WORKER__BACKOFF_BASE_MS".into(),
+                "200".into(),
+            ),
+            (
+                "TENANT_WORKER__WORKER__BACKOFF_MAX_MS".into(),
+                "2000".into(),
+            ),
         ];
         for (kid, path) in &k.verifying {
-            v.push((format!("TENANT_WORKER__KEYS__VERIFYING__{kid}"), path.display().to_string()));
+            v.push((
+                format!("TENANT_WORKER__KEYS__VERIFYING__{kid}"),
+                path.display().to_string(),
+            ));
         }
         for (role, name) in [
             ("OWNER", &self.settings.roles.owner),
