@@ -59,6 +59,8 @@ pub enum Command {
         /// Do not enqueue if a job with this key exists.
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        shortcuts: ArgShortcuts,
     },
     /// Inspect and manage queued jobs.
     #[command(subcommand)]
@@ -76,6 +78,51 @@ pub enum Command {
     Dev(DevCommand),
     /// Run the demo on a private throwaway cluster.
     Demo,
+}
+
+/// Flags that fill common arguments, so `enqueue export --source v_property --format csv`
+/// works without hand-written JSON. They override keys of `--args`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ArgShortcuts {
+    /// export: a view, record kind or named export.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// export: csv or jsonl.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// export: gzip the file.
+    #[arg(long)]
+    pub gzip: bool,
+    /// export: only rows updated since this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl ArgShortcuts {
+    /// Merges the flags into a JSON arguments object.
+    ///
+    /// # Errors
+    /// When `args` is not a JSON object.
+    pub fn apply(&self, args: &str) -> Result<serde_json::Value> {
+        let mut value: serde_json::Value =
+            serde_json::from_str(args).context("--args is not valid JSON")?;
+        let Some(map) = value.as_object_mut() else {
+            bail!("--args must be a JSON object");
+        };
+        if let Some(s) = &self.source {
+            map.insert("source".into(), s.clone().into());
+        }
+        if let Some(f) = &self.format {
+            map.insert("format".into(), f.clone().into());
+        }
+        if self.gzip {
+            map.insert("gzip".into(), true.into());
+        }
+        if let Some(t) = &self.since {
+            map.insert("since".into(), t.to_rfc3339().into());
+        }
+        Ok(value)
+    }
 }
 
 /// `tenant` subcommands.
@@ -214,16 +261,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
             run_at,
             priority,
             idempotency_key,
+            shortcuts,
         } => {
-            let args: serde_json::Value =
-                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let args = shortcuts.apply(&args)?;
+            let catalog = std::sync::Arc::new(settings.jobs.catalog()?);
             let urls = resolve(&settings).await?;
             let signer = envelope::signer_from_settings(
                 &settings.keys,
                 dev_keys(&settings, &urls).as_deref(),
             )?;
             let pool = db::queue_pool(&settings, &urls).await?;
-            let enqueuer = Enqueuer::new(pool, signer, &settings);
+            let enqueuer = Enqueuer::new(pool, signer, &settings).with_catalog(catalog);
             let job = NewJob {
                 kind,
                 args,
@@ -405,6 +453,7 @@ pub fn print_checks(checks: &[audit::Check]) {
 }
 
 async fn run_worker(settings: &Settings, until_idle: bool) -> Result<i32> {
+    let catalog = settings.jobs.catalog()?;
     let urls = resolve(settings).await?;
     let keyring =
         envelope::keyring_from_settings(&settings.keys, dev_keys(settings, &urls).as_deref())?;
@@ -421,7 +470,7 @@ async fn run_worker(settings: &Settings, until_idle: bool) -> Result<i32> {
     }
     let app = db::app_pool(settings, &urls).await?;
     let queue = db::queue_pool(settings, &urls).await?;
-    let state = worker::WorkerState::new(app, queue, keyring, settings);
+    let state = worker::WorkerState::new(app, queue, keyring, settings).with_catalog(catalog);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let summary = worker::run(

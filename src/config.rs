@@ -21,7 +21,7 @@ use sqlx::postgres::PgConnectOptions;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The config crate could not read or deserialize a source.
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Load(#[from] config::ConfigError),
     /// A value was read but is not acceptable.
     #[error("invalid configuration value for `{key}`: {reason}")]
@@ -50,6 +50,50 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// The persistent local development cluster used when no database is configured.
     pub dev: DevSettings,
+    /// Where exports are written.
+    pub exports: ExportSettings,
+    /// Where declared jobs are read from.
+    pub jobs: JobsSettings,
+}
+
+/// Export output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ExportSettings {
+    /// Root folder; files go to `<dir>/<tenant id>/<source>/<job id>.<ext>`.
+    pub dir: PathBuf,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("exports"),
+        }
+    }
+}
+
+/// Declared jobs (TOML + SQL).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct JobsSettings {
+    /// Folder of `*.toml` declared jobs. Unset: `./jobs` if it exists.
+    pub dir: Option<PathBuf>,
+}
+
+impl JobsSettings {
+    /// Loads the declared-job catalog.
+    ///
+    /// # Errors
+    /// The first file that does not validate (file and reason), or a configured folder that
+    /// cannot be read.
+    pub fn catalog(
+        &self,
+    ) -> Result<crate::jobs::declared::Catalog, crate::jobs::declared::LoadError> {
+        match &self.dir {
+            Some(dir) => crate::jobs::declared::Catalog::load(dir, true),
+            None => crate::jobs::declared::Catalog::load(Path::new("jobs"), false),
+        }
+    }
 }
 
 /// Database connection settings. With no `admin_url`, the local development cluster is used.

@@ -23,7 +23,7 @@ use crate::embedded;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A connection could not be opened. `url` has its password removed.
-    #[error("cannot connect to the {what} database at {url}: {source}")]
+    #[error("cannot connect to the {what} database at {url}")]
     Connect {
         /// Which connection (admin, app, queue).
         what: &'static str,
@@ -37,10 +37,10 @@ pub enum Error {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// Our migrations failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// apalis-postgres's migrations failed.
-    #[error("job queue migration failed: {0}")]
+    #[error("job queue migration failed")]
     QueueMigrate(#[from] apalis_postgres::Error),
     /// The admin role cannot do what `setup` needs.
     #[error(
@@ -167,6 +167,9 @@ pub async fn pool(
     max_connections: u32,
     timeout: Duration,
 ) -> Result<PgPool> {
+    // One direct attempt first: a pool retries a refused connection until its acquire
+    // timeout and then only says "timed out"; the driver's own error is the useful one.
+    connect(what, url).await?.close().await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)

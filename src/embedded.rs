@@ -108,7 +108,7 @@ pub enum Error {
     },
 
     /// A file-system or process operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What we were doing.
         what: String,
@@ -118,7 +118,7 @@ pub enum Error {
     },
 
     /// A system call made through `nix` (chown, user lookup, file lock) failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Sys {
         /// What we were doing.
         what: String,

@@ -143,7 +143,7 @@ pub enum KeyError {
     #[error("invalid key id `{0}`: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     BadKeyId(String),
     /// A key file could not be read or written.
-    #[error("key file {path}: {source}")]
+    #[error("key file {path}")]
     Io {
         /// The file.
         path: PathBuf,

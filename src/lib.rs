@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod envelope;
 pub mod jobs;
 pub mod queue;
+pub mod scheduler;
 pub mod telemetry;
 pub mod tenant;
 pub mod worker;

@@ -11,7 +11,19 @@ async fn main() -> std::process::ExitCode {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(code) => std::process::ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Print the cause chain, skipping causes whose text an outer message already
+            // includes (some driver errors repeat their source in their own message).
+            let mut message = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
+            eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
     }

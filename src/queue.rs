@@ -10,6 +10,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::config::Settings;
 use crate::envelope::{JobId, Rejection, Signer, TenantId, Unsigned};
+use crate::jobs::declared::Catalog;
 use crate::jobs::{Job, JobSpec};
 
 /// Errors of queue operations.
@@ -19,7 +20,7 @@ pub enum Error {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The job would be rejected by the worker; refused at enqueue.
-    #[error("refusing to enqueue: {0}")]
+    #[error("refusing to enqueue")]
     Invalid(#[from] Rejection),
     /// No job with this id.
     #[error("no job with id {0}")]
@@ -35,7 +36,7 @@ pub enum Error {
         what: &'static str,
     },
     /// Encoding failed (should not happen).
-    #[error("could not encode the job: {0}")]
+    #[error("could not encode the job")]
     Encode(#[from] serde_json::Error),
 }
 
@@ -81,6 +82,7 @@ impl NewJob {
 /// Signs jobs for a tenant the caller has verified and pushes them onto the queue.
 #[derive(Debug, Clone)]
 pub struct Enqueuer {
+    catalog: std::sync::Arc<Catalog>,
     pool: PgPool,
     signer: Signer,
     queue: String,
@@ -104,6 +106,7 @@ impl Enqueuer {
     /// `apalis.jobs`).
     pub fn new(pool: PgPool, signer: Signer, settings: &Settings) -> Self {
         Self {
+            catalog: std::sync::Arc::new(Catalog::new()),
             pool,
             signer,
             queue: settings.worker.queue.clone(),
@@ -112,8 +115,14 @@ impl Enqueuer {
         }
     }
 
+    /// Validates named sources against these declared jobs (the worker checks again).
+    pub fn with_catalog(mut self, catalog: std::sync::Arc<Catalog>) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
     fn prepare(&self, tenant: TenantId, job: NewJob) -> Result<Prepared> {
-        let spec = JobSpec::parse(&job.kind, &job.args)?;
+        let spec = JobSpec::parse(&job.kind, &job.args, &self.catalog)?;
         let now = Utc::now();
         let run_at = job.run_at.unwrap_or(now);
         let issued_at = now.timestamp();

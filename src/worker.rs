@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::config::{Settings, WorkerSettings};
 use crate::envelope::{JobId, Keyring, Rejection, TenantId};
+use crate::jobs::declared::Catalog;
 use crate::jobs::{JobContext, JobError, JobSpec};
 use crate::queue::REJECTED_PREFIX;
 use crate::tenant::TenantTx;
@@ -81,6 +82,8 @@ pub struct WorkerState {
     keyring: Arc<Keyring>,
     settings: Arc<WorkerSettings>,
     stats: Arc<Stats>,
+    catalog: Arc<Catalog>,
+    exports_dir: std::path::PathBuf,
 }
 
 /// Counters for one [`run`].
@@ -123,7 +126,15 @@ impl WorkerState {
             keyring: Arc::new(keyring),
             settings: Arc::new(settings.worker.clone()),
             stats: Arc::new(Stats::default()),
+            catalog: Arc::new(Catalog::new()),
+            exports_dir: settings.exports.dir.clone(),
         }
+    }
+
+    /// Uses these declared jobs (named exports, ...).
+    pub fn with_catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = Arc::new(catalog);
+        self
     }
 
     fn summary(&self) -> Summary {
@@ -210,13 +221,15 @@ async fn handle(
         let span = tracing::Span::current();
         span.record("tenant_id", field::display(verified.tenant_id));
         span.record("kind", field::display(&verified.kind));
-        let spec = match JobSpec::parse(&verified.kind, &verified.args) {
+        let spec = match JobSpec::parse(&verified.kind, &verified.args, &state.catalog) {
             Ok(s) => s,
             Err(r) => return Err(reject(&state, r)),
         };
         let ctx = JobContext {
             job_id: verified.job_id,
             attempt,
+            exports_dir: state.exports_dir.clone(),
+            catalog: state.catalog.clone(),
         };
         let timeout = state.settings.timeout_for(spec.kind());
         let result = tokio::time::timeout(
@@ -459,7 +472,7 @@ pub async fn run(
             }
         };
         tracing::info!(worker = %name, "worker started");
-        let run = run_generation(&state, &name, signal);
+        let run = run_generation(state.clone(), name.clone(), signal);
         let grace = {
             let stop = stop.clone();
             let t = Duration::from_secs(settings.shutdown_timeout_secs);
@@ -529,37 +542,87 @@ async fn idle_watch(queue_pool: PgPool, queue: String, stop: CancellationToken) 
     }
 }
 
+/// One job's future as apalis hands it to the executor.
+type JobFuture = apalis_core::worker::lifecycle::LifecycleFuture<
+    std::pin::Pin<
+        Box<dyn Future<Output = Result<serde_json::Value, BoxDynError>> + Send + 'static>,
+    >,
+>;
+
+/// Spawns one job's future on tokio. A non-generic function with `'static` types spelled out
+/// (rather than passing `tokio::spawn`) keeps the worker's own future provably `Send`, so
+/// applications can `tokio::spawn(worker::run(..))`.
+fn spawn_task(fut: JobFuture) -> tokio::task::JoinHandle<Result<serde_json::Value, BoxDynError>> {
+    tokio::spawn(fut)
+}
+
 /// Builds one apalis worker generation and runs it until `signal` resolves.
-async fn run_generation<F>(state: &WorkerState, name: &str, signal: F) -> Result<(), WorkerError>
+fn run_generation<F>(
+    state: WorkerState,
+    name: String,
+    signal: F,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>
 where
     F: Future<Output = Result<(), std::io::Error>> + Send + 'static,
 {
-    let s = &state.settings;
-    let config = apalis_postgres::Config::default()
-        .queue(s.queue.as_str())
-        .batch_size(s.batch_size)
-        .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
-        .missed_heartbeats(s.missed_heartbeats);
-    let pool = state.queue_pool.clone();
-    // LISTEN/NOTIFY wakes the worker within milliseconds of an insert; the interval picks up
-    // delayed jobs (scheduled, or retrying after backoff), which NOTIFY does not announce.
-    let strategy = Strategy::new()
-        .apply(StreamStrategy::new(apalis_postgres::Pubsub::new(
-            pool.clone(),
-            s.queue.clone(),
-        )))
-        .interval(Duration::from_millis(s.poll_interval_ms));
-    let backend = PostgresStorage::<RawPayload>::new(&pool)
-        .with_config(config)
-        .with_codec(RawCodec)
-        .poll_with_strategy(strategy);
-    WorkerBuilder::new(name)
-        .backend(backend)
-        .data(state.clone())
-        .catch_panic()
-        .concurrency(s.concurrency)
-        .parallelize(tokio::spawn)
-        .build(handle)
-        .run_until(signal)
-        .await
+    Box::pin(async move {
+        let s = &state.settings;
+        let config = apalis_postgres::Config::default()
+            .queue(s.queue.as_str())
+            .batch_size(s.batch_size)
+            .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
+            .missed_heartbeats(s.missed_heartbeats);
+        let pool = state.queue_pool.clone();
+        // LISTEN/NOTIFY wakes the worker within milliseconds of an insert; the interval picks up
+        // delayed jobs (scheduled, or retrying after backoff), which NOTIFY does not announce.
+        let strategy = Strategy::new()
+            .apply(StreamStrategy::new(apalis_postgres::Pubsub::new(
+                pool.clone(),
+                s.queue.clone(),
+            )))
+            .interval(Duration::from_millis(s.poll_interval_ms));
+        let backend = PostgresStorage::<RawPayload>::new(&pool)
+            .with_config(config)
+            .with_codec(RawCodec)
+            .poll_with_strategy(strategy);
+        WorkerBuilder::new(name.as_str())
+            .backend(backend)
+            .data(state.clone())
+            .concurrency(s.concurrency)
+            .parallelize(spawn_task)
+            .build(handle)
+            .run_until(signal)
+            .await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applications spawn the worker on their runtime: its future must be `Send + 'static`.
+    #[allow(dead_code)]
+    fn run_can_be_spawned(state: WorkerState) {
+        let _ = tokio::spawn(run(state, RunOptions::default(), CancellationToken::new()));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_within_bounds() {
+        let s = WorkerSettings {
+            backoff_base_ms: 100,
+            backoff_max_ms: 1_000,
+            ..WorkerSettings::default()
+        };
+        for attempt in 1..=6u32 {
+            let raw = (100u64 << (attempt - 1)).min(1_000);
+            for _ in 0..50 {
+                let d = backoff_delay(&s, attempt).as_millis() as u64;
+                assert!(
+                    d >= raw / 2 && d <= raw,
+                    "attempt {attempt}: {d}ms outside [{}, {raw}]",
+                    raw / 2
+                );
+            }
+        }
+    }
 }

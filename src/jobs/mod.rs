@@ -10,7 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::{JobId, Rejection};
 use crate::tenant::{self, TenantTx};
 
+pub mod declared;
+pub mod export;
 pub mod noop;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use declared::Catalog;
 
 /// How a job run failed. Call sites classify where the failure happens.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,10 @@ pub struct JobContext {
     pub job_id: JobId,
     /// 1-based attempt number.
     pub attempt: u32,
+    /// Root folder of exports.
+    pub exports_dir: PathBuf,
+    /// Declared jobs.
+    pub catalog: Arc<Catalog>,
 }
 
 /// Every kind this worker runs, with parsed arguments.
@@ -84,10 +95,12 @@ pub struct JobContext {
 pub enum JobSpec {
     /// See [`noop`].
     Noop(noop::Noop),
+    /// See [`export`].
+    Export(export::Export),
 }
 
 /// The kind names, for help texts and validation.
-pub const KINDS: &[&str] = &[noop::Noop::KIND];
+pub const KINDS: &[&str] = &[noop::Noop::KIND, export::Export::KIND];
 
 fn parse_args<T: DeserializeOwned>(kind: &str, args: &serde_json::Value) -> Result<T, Rejection> {
     serde_json::from_value(args.clone()).map_err(|e| Rejection::InvalidArgs {
@@ -101,12 +114,17 @@ impl JobSpec {
     ///
     /// # Errors
     /// [`Rejection::UnknownKind`] or [`Rejection::InvalidArgs`].
-    pub fn parse(kind: &str, args: &serde_json::Value) -> Result<Self, Rejection> {
+    pub fn parse(
+        kind: &str,
+        args: &serde_json::Value,
+        catalog: &Catalog,
+    ) -> Result<Self, Rejection> {
         let spec = match kind {
             noop::Noop::KIND => JobSpec::Noop(parse_args(kind, args)?),
+            export::Export::KIND => JobSpec::Export(parse_args(kind, args)?),
             other => return Err(Rejection::UnknownKind(other.chars().take(64).collect())),
         };
-        spec.validate()?;
+        spec.validate(catalog)?;
         Ok(spec)
     }
 
@@ -114,12 +132,14 @@ impl JobSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Noop(_) => noop::Noop::KIND,
+            JobSpec::Export(_) => export::Export::KIND,
         }
     }
 
-    fn validate(&self) -> Result<(), Rejection> {
+    fn validate(&self, catalog: &Catalog) -> Result<(), Rejection> {
         match self {
             JobSpec::Noop(a) => a.validate(),
+            JobSpec::Export(a) => a.validate(catalog),
         }
         .map_err(|reason| Rejection::InvalidArgs {
             kind: self.kind().to_string(),
@@ -138,6 +158,7 @@ impl JobSpec {
     ) -> Result<serde_json::Value, JobError> {
         match self {
             JobSpec::Noop(a) => a.run(tx, ctx).await,
+            JobSpec::Export(a) => a.run(tx, ctx).await,
         }
     }
 }

@@ -1,0 +1,347 @@
+//! Declared jobs: TOML files in the `jobs/` folder that name a job, its kind and one SQL
+//! statement. Their SQL only ever runs inside the worker's tenant-scoped transaction as the app
+//! role, so a query that forgets `where tenant_id = ...` still sees one tenant.
+//!
+//! At load, SQL is parsed (PostgreSQL dialect) and refused unless it is exactly one statement of
+//! the expected sort that never touches the tenant context: no `SET`/`RESET`/`DISCARD`, no
+//! `set_config(...)`, no locking clauses, no data-modifying CTEs in a read-only job. What runs is
+//! the parsed statement printed back, so what was checked is exactly what executes.
+//!
+//! ```toml
+//! name = "properties_by_city"
+//! kind = "export"
+//! description = "Properties and units per city"
+//! format = "csv"
+//! sql = "select city, count(*) as properties, sum(units) as units from v_property group by city"
+//!
+//! [schedule]              # optional: a default schedule (see `schedule add`)
+//! cron = "0 3 * * *"
+//! tz = "Europe/Berlin"
+//! ```
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sqlparser::ast::{Expr, Statement, visit_expressions, visit_statements};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+/// A declared job that failed to load.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct LoadError {
+    /// The file.
+    pub file: PathBuf,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// Kinds a declared job may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeclaredKind {
+    /// A named export: one read-only SELECT.
+    Export,
+}
+
+/// A default schedule in a declared job.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredSchedule {
+    /// Cron expression (5 fields, or 6 with seconds first).
+    pub cron: String,
+    /// IANA time zone (default UTC).
+    #[serde(default = "utc")]
+    pub tz: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: String,
+    kind: DeclaredKind,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    format: Option<String>,
+    sql: String,
+    #[serde(default)]
+    schedule: Option<DeclaredSchedule>,
+}
+
+/// A validated declared job.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Declared {
+    /// Unique name (`^[a-z][a-z0-9_]{0,62}$`).
+    pub name: String,
+    /// Kind.
+    pub kind: DeclaredKind,
+    /// Free text.
+    pub description: String,
+    /// Default output format for exports (`csv` or `jsonl`).
+    pub format: Option<String>,
+    /// The checked statement, printed back from its parse tree.
+    pub sql: String,
+    /// Optional default schedule.
+    pub schedule: Option<DeclaredSchedule>,
+    /// Where it came from.
+    pub file: PathBuf,
+}
+
+/// All declared jobs, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    jobs: BTreeMap<String, Declared>,
+}
+
+/// True for names safe to use as identifiers and path components.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl Catalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads every `*.toml` in `dir`. A missing directory is an empty catalog unless
+    /// `required`.
+    ///
+    /// # Errors
+    /// The first file that does not validate, naming the file and the reason.
+    pub fn load(dir: &Path, required: bool) -> Result<Self, LoadError> {
+        let mut catalog = Self::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(catalog),
+            Err(e) => {
+                return Err(LoadError {
+                    file: dir.to_owned(),
+                    reason: format!("cannot read the declared jobs folder: {e}"),
+                });
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|e| LoadError {
+                file: file.clone(),
+                reason: e.to_string(),
+            })?;
+            let job = parse_declared(&file, &text)?;
+            if catalog.jobs.contains_key(&job.name) {
+                return Err(LoadError {
+                    file,
+                    reason: format!("a declared job named `{}` already exists", job.name),
+                });
+            }
+            catalog.jobs.insert(job.name.clone(), job);
+        }
+        Ok(catalog)
+    }
+
+    /// Adds a job (tests and embedding applications).
+    pub fn insert(&mut self, job: Declared) {
+        self.jobs.insert(job.name.clone(), job);
+    }
+
+    /// A declared job by name.
+    pub fn get(&self, name: &str) -> Option<&Declared> {
+        self.jobs.get(name)
+    }
+
+    /// All declared jobs.
+    pub fn iter(&self) -> impl Iterator<Item = &Declared> {
+        self.jobs.values()
+    }
+}
+
+/// Parses and validates one declared job file's text.
+///
+/// # Errors
+/// [`LoadError`] naming `file` and the reason.
+pub fn parse_declared(file: &Path, text: &str) -> Result<Declared, LoadError> {
+    let err = |reason: String| LoadError {
+        file: file.to_owned(),
+        reason,
+    };
+    let raw: File = toml_from_str(text).map_err(err)?;
+    if !is_valid_name(&raw.name) {
+        return Err(err(format!(
+            "name `{}` must match ^[a-z][a-z0-9_]{{0,62}}$",
+            raw.name.chars().take(80).collect::<String>()
+        )));
+    }
+    if let Some(f) = &raw.format
+        && f != "csv"
+        && f != "jsonl"
+    {
+        return Err(err(format!("format `{f}` must be csv or jsonl")));
+    }
+    let sql = match raw.kind {
+        DeclaredKind::Export => check_read_only_query(&raw.sql).map_err(err)?,
+    };
+    if let Some(s) = &raw.schedule {
+        crate::scheduler::parse_cron(&s.cron).map_err(|e| err(e.to_string()))?;
+        crate::scheduler::parse_tz(&s.tz).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(Declared {
+        name: raw.name,
+        kind: raw.kind,
+        description: raw.description,
+        format: raw.format,
+        sql,
+        schedule: raw.schedule,
+        file: file.to_owned(),
+    })
+}
+
+fn toml_from_str(text: &str) -> Result<File, String> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<File>())
+        .map_err(|e| e.to_string())
+}
+
+/// Functions a declared statement may not call: they change the tenant context or session
+/// state, or reach outside the database.
+const FORBIDDEN_FUNCTIONS: &[&str] = &[
+    "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_try_advisory_lock",
+    "dblink",
+    "dblink_exec",
+    "lo_import",
+    "lo_export",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_notify",
+    "pg_sleep",
+];
+
+/// Checks that `sql` is exactly one read-only SELECT that never touches the tenant context and
+/// returns it printed back from its parse tree.
+///
+/// # Errors
+/// A human-readable reason.
+pub fn check_read_only_query(sql: &str) -> Result<String, String> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| format!("SQL does not parse: {e}"))?;
+    let [statement] = statements.as_slice() else {
+        return Err(format!(
+            "SQL must be exactly one statement, found {}",
+            statements.len()
+        ));
+    };
+    let Statement::Query(query) = statement else {
+        return Err(format!(
+            "SQL must be a read-only SELECT, found: {}",
+            first_words(&statement.to_string())
+        ));
+    };
+    if !query.locks.is_empty() {
+        return Err("SQL must not lock rows (FOR UPDATE/SHARE)".into());
+    }
+    // Nested statements (data-modifying CTEs) are visited as statements too.
+    if let ControlFlow::Break(found) = visit_statements(statement, |s| match s {
+        Statement::Query(_) => ControlFlow::Continue(()),
+        other => ControlFlow::Break(first_words(&other.to_string())),
+    }) {
+        return Err(format!("SQL must only read, but it contains: {found}"));
+    }
+    check_functions(statement)?;
+    Ok(statement.to_string())
+}
+
+/// Refuses calls of [`FORBIDDEN_FUNCTIONS`] anywhere in the statement.
+fn check_functions(statement: &Statement) -> Result<(), String> {
+    let found = visit_expressions(statement, |e| {
+        if let Expr::Function(f) = e {
+            let name = f
+                .name
+                .0
+                .last()
+                .map(|p| p.to_string().trim_matches('"').to_ascii_lowercase())
+                .unwrap_or_default();
+            if FORBIDDEN_FUNCTIONS.contains(&name.as_str()) {
+                return ControlFlow::Break(name);
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    match found {
+        ControlFlow::Break(name) if name == "set_config" => {
+            Err("SQL must not change the tenant context or settings (set_config)".into())
+        }
+        ControlFlow::Break(name) => Err(format!("SQL must not call {name}()")),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+fn first_words(s: &str) -> String {
+    s.split_whitespace().take(4).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_one_select() {
+        let sql =
+            check_read_only_query("select city, count(*) from v_property group by city;").unwrap();
+        assert!(sql.to_lowercase().starts_with("select"));
+        check_read_only_query("with x as (select 1 as a) select a from x").unwrap();
+    }
+
+    #[test]
+    fn refuses_what_must_not_run() {
+        for (sql, expected) in [
+            ("select 1; select 2", "exactly one statement"),
+            ("v_property; drop table records", "does not parse"),
+            (
+                "select * from v_property; drop table records",
+                "exactly one statement",
+            ),
+            ("set app.tenant_id = 'x'", "read-only SELECT"),
+            ("reset app.tenant_id", "read-only SELECT"),
+            ("discard all", "read-only SELECT"),
+            (
+                "select set_config('app.tenant_id', 'x', true)",
+                "tenant context",
+            ),
+            (
+                "select * from records where pg_catalog.set_config('app.tenant_id', 'x', true) is not null",
+                "tenant context",
+            ),
+            ("delete from records", "read-only SELECT"),
+            (
+                "with d as (delete from records returning *) select * from d",
+                "only read",
+            ),
+            ("select * from records for update", "lock"),
+            ("select pg_sleep(10)", "pg_sleep"),
+        ] {
+            let err = check_read_only_query(sql).unwrap_err();
+            assert!(err.contains(expected), "{sql}: {err}");
+        }
+    }
+}
