@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::db::{self, DbUrls};
 use crate::envelope::{self, KeyId, TenantId};
 use crate::queue::{self, Enqueuer, NewJob};
-use crate::{audit, embedded, tenant, worker};
+use crate::{audit, embedded, scheduler, tenant, worker};
 
 /// tenant-worker: background jobs for multi-tenant PostgreSQL data, isolated by Row-Level
 /// Security.
@@ -65,6 +65,9 @@ pub enum Command {
     /// Inspect and manage queued jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Per-tenant cron schedules (run by `run`'s scheduler).
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Run the worker (Ctrl-C / SIGTERM: finish in-flight jobs, then exit).
     Run {
         /// Exit once no runnable job remains.
@@ -195,6 +198,42 @@ pub enum JobsCommand {
     },
 }
 
+/// `schedule` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule: `schedule add --tenant ID --cron "0 3 * * *" --tz Europe/Berlin export
+    /// --source v_property --format csv`. Prints its id.
+    Add {
+        /// The tenant.
+        #[arg(long)]
+        tenant: TenantId,
+        /// Cron expression: 5 fields (minute hour day month weekday) or 6 with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the cron expression is read in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// Job kind.
+        kind: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        #[command(flatten)]
+        shortcuts: ArgShortcuts,
+    },
+    /// List schedules (one tenant's, or all).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<TenantId>,
+    },
+    /// Remove a schedule.
+    Remove {
+        /// Schedule id.
+        id: uuid::Uuid,
+    },
+}
+
 /// `dev` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
@@ -285,6 +324,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Jobs(cmd) => jobs_command(&settings, cmd).await?,
+        Command::Schedule(cmd) => schedule_command(&settings, cmd).await?,
         Command::Run { until_idle } => return run_worker(&settings, until_idle).await,
         Command::Audit => {
             let urls = resolve(&settings).await?;
@@ -438,6 +478,50 @@ async fn jobs_command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
     Ok(())
 }
 
+async fn schedule_command(settings: &Settings, cmd: ScheduleCommand) -> Result<()> {
+    let catalog = settings.jobs.catalog()?;
+    let urls = resolve(settings).await?;
+    let app = db::app_pool(settings, &urls).await?;
+    match cmd {
+        ScheduleCommand::Add {
+            tenant,
+            cron,
+            tz,
+            kind,
+            args,
+            shortcuts,
+        } => {
+            let args = shortcuts.apply(&args)?;
+            let id = scheduler::add(&app, &catalog, tenant, &cron, &tz, &kind, &args).await?;
+            println!("{id}");
+        }
+        ScheduleCommand::List { tenant } => {
+            let rows = match tenant {
+                Some(t) => scheduler::list_for_tenant(&app, t).await?,
+                None => scheduler::list_all(&db::scheduler_pool(settings, &urls).await?).await?,
+            };
+            for s in rows {
+                println!(
+                    "{}  tenant {}  {:<16} {:<14} {} {}{}",
+                    s.id,
+                    s.tenant_id,
+                    format!("\"{}\"", s.cron),
+                    s.timezone,
+                    s.kind,
+                    s.args,
+                    if s.enabled { "" } else { "  (disabled)" }
+                );
+            }
+        }
+        ScheduleCommand::Remove { id } => {
+            let sched = db::scheduler_pool(settings, &urls).await?;
+            let tenant = scheduler::remove(&sched, &app, id).await?;
+            println!("removed schedule {id} of tenant {tenant}");
+        }
+    }
+    Ok(())
+}
+
 /// Prints audit results.
 pub fn print_checks(checks: &[audit::Check]) {
     for c in checks {
@@ -470,9 +554,31 @@ async fn run_worker(settings: &Settings, until_idle: bool) -> Result<i32> {
     }
     let app = db::app_pool(settings, &urls).await?;
     let queue = db::queue_pool(settings, &urls).await?;
-    let state = worker::WorkerState::new(app, queue, keyring, settings).with_catalog(catalog);
+    let catalog = std::sync::Arc::new(catalog);
+    let state = worker::WorkerState::new(app, queue.clone(), keyring, settings)
+        .with_catalog((*catalog).clone());
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    match envelope::signer_from_settings(&settings.keys, dev_keys(settings, &urls).as_deref()) {
+        Ok(signer) => {
+            let enqueuer = Enqueuer::new(queue, signer, settings).with_catalog(catalog);
+            let sched =
+                scheduler::Scheduler::new(db::scheduler_pool(settings, &urls).await?, enqueuer);
+            if until_idle {
+                // One pass, so runs that became due while nothing ran fire (once) now.
+                let jobs = sched.tick(Utc::now()).await?;
+                if !jobs.is_empty() {
+                    eprintln!("scheduler enqueued {} due job(s)", jobs.len());
+                }
+            } else {
+                tokio::spawn(sched.run(std::time::Duration::from_secs(1), shutdown.clone()));
+            }
+        }
+        Err(envelope::KeyError::NoSigningKey) => {
+            tracing::warn!("no signing key configured: the scheduler is off in this process");
+        }
+        Err(e) => return Err(e.into()),
+    }
     let summary = worker::run(
         state,
         worker::RunOptions {

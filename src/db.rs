@@ -218,6 +218,14 @@ pub async fn app_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
     .await
 }
 
+/// Opens the scheduler-role pool (schedules of all tenants, read-only).
+///
+/// # Errors
+/// See [`pool`].
+pub async fn scheduler_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
+    pool("scheduler", &urls.scheduler, 3, connect_timeout(settings)).await
+}
+
 /// Opens the queue-role pool (apalis tables only).
 ///
 /// # Errors
@@ -416,8 +424,23 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         ),
         format!(r#"grant execute on all functions in schema apalis to "{queue}""#),
         format!(r#"grant usage on schema public to "{queue}""#),
-        // The scheduler role: nothing yet beyond connecting; schedules add a narrow grant.
+        // The app role manages one tenant's schedules through RLS like any tenant data.
+        format!(r#"grant select, insert, update, delete on public.schedules to "{app}""#),
+        // The scheduler role: every tenant's schedules, read-only, through one narrow policy
+        // on that table; its own bookkeeping table; nothing else of the tenant data.
         format!(r#"grant usage on schema public to "{scheduler}""#),
+        format!(r#"grant select on public.schedules to "{scheduler}""#),
+        format!(
+            r#"grant select, insert, update, delete on public.schedule_fires to "{scheduler}""#
+        ),
+        format!(
+            r#"alter policy tenant_isolation on public.schedules
+                 using (tenant_id = public.current_tenant_id() or current_user = '{scheduler}')"#
+        ),
+        "drop policy if exists scheduler_reads_all on public.schedules".to_string(),
+        format!(
+            r#"create policy scheduler_reads_all on public.schedules as permissive for select to "{scheduler}" using (true)"#
+        ),
         // Tenant management (`tenant add/list/...`) runs as the owner, which FORCE subjects to
         // RLS on `tenants` too: this policy lets it see the registry, and only the registry.
         "drop policy if exists tenant_registry on public.tenants".to_string(),
