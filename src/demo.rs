@@ -17,8 +17,10 @@ use crate::db::{self, DbUrls};
 use crate::embedded::EphemeralCluster;
 use crate::envelope::{self, KeyId, Signer, TenantId};
 use crate::queue::{self, Enqueuer, NewJob};
+use crate::scheduler::{self, Scheduler};
 use crate::tenant::{self, TenantTx};
 use crate::worker::{self, RunOptions, WorkerState};
+use std::sync::Arc;
 
 const CITIES: &[&str] = &[
     "Springfield",
@@ -81,9 +83,15 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
 
     // Signed jobs for each tenant, plus one whose stored tenant id is tampered with.
+    let catalog = Arc::new(settings.jobs.catalog().context("loading declared jobs")?);
     let signer = Signer::from_file(kid, &private)?;
-    let enqueuer = Enqueuer::new(queue_pool.clone(), signer, &settings);
+    let enqueuer =
+        Enqueuer::new(queue_pool.clone(), signer, &settings).with_catalog(catalog.clone());
     let mut jobs = Vec::new();
+    let mut sources = vec![("v_property", "csv"), ("v_invoice", "jsonl")];
+    if catalog.get("properties_by_city").is_some() {
+        sources.push(("properties_by_city", "csv"));
+    }
     for (name, t) in [
         ("Northwind Properties", northwind),
         ("Helios Solar", helios),
@@ -93,6 +101,32 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
             .await?
             .context("job not enqueued")?;
         jobs.push((name, t, id));
+        for (source, format) in &sources {
+            let args = serde_json::json!({ "source": source, "format": format });
+            let id = enqueuer
+                .enqueue(t, NewJob::new("export", args))
+                .await?
+                .context("job not enqueued")?;
+            jobs.push((name, t, id));
+        }
+    }
+    // A schedule that fires every second, for Northwind: the scheduler turns its due fire
+    // into one signed job.
+    let sched_pool = db::scheduler_pool(&settings, &urls).await?;
+    scheduler::add(
+        &app,
+        &catalog,
+        northwind,
+        "* * * * * *",
+        "UTC",
+        "export",
+        &serde_json::json!({ "source": "v_customer", "format": "csv", "gzip": true }),
+    )
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let scheduler = Scheduler::new(sched_pool.clone(), enqueuer.clone());
+    for id in scheduler.tick(chrono::Utc::now()).await? {
+        jobs.push(("Northwind Properties", northwind, id));
     }
     let victim = enqueuer
         .enqueue(
@@ -115,7 +149,8 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
 
     let keyring = envelope::keyring_from_settings(&settings.keys, None)?;
-    let state = WorkerState::new(app.clone(), queue_pool.clone(), keyring, &settings);
+    let state = WorkerState::new(app.clone(), queue_pool.clone(), keyring, &settings)
+        .with_catalog((*catalog).clone());
     let summary = worker::run(
         state,
         RunOptions {
@@ -130,22 +165,34 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         summary.done, summary.rejected
     );
     println!();
-    for (name, t, id) in &jobs {
+    for (name, _tenant, id) in &jobs {
         let info = queue::show(&queue_pool, &id.to_string()).await?;
-        let visible = info
-            .last_result
-            .as_ref()
-            .and_then(|r| r.pointer("/Ok/records_visible"))
-            .and_then(|v| v.as_i64())
-            .unwrap_or(-1);
+        let result = info.last_result.as_ref().and_then(|r| r.get("Ok"));
+        let what = match (info.kind.as_deref(), result) {
+            (Some("noop"), Some(r)) => format!(
+                "saw {} records",
+                r.get("records_visible")
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or(-1)
+            ),
+            (Some("export"), Some(r)) => format!(
+                "{:>5} rows -> {}",
+                r.get("rows").and_then(|v| v.as_u64()).unwrap_or(0),
+                r.get("path").and_then(|v| v.as_str()).unwrap_or("?")
+            ),
+            _ => info.error().unwrap_or_default(),
+        };
         println!(
-            "  {name:<22} job {id} {}: saw {visible} records (tenant {t})",
+            "  {name:<22} {:<7} {:<8} {what}",
+            info.kind.as_deref().unwrap_or("?"),
             info.state
         );
     }
     let info = queue::show(&queue_pool, &victim.to_string()).await?;
     println!(
-        "  tampered job          job {victim} {}: {}",
+        "  {:<22} {:<7} {:<8} {}",
+        "(tampered job)",
+        info.kind.as_deref().unwrap_or("?"),
         info.state,
         info.error().unwrap_or_default()
     );
@@ -183,6 +230,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         started.elapsed().as_secs_f64()
     );
     admin.close().await;
+    sched_pool.close().await;
     app.close().await;
     queue_pool.close().await;
     anyhow::ensure!(ok, "isolation proof failed");

@@ -365,7 +365,12 @@ impl JobInfo {
         if self.state == "done" {
             return None;
         }
-        last_error(&self.last_result)
+        let e = last_error(&self.last_result)?;
+        Some(
+            e.strip_prefix(REJECTED_PREFIX)
+                .map(str::to_string)
+                .unwrap_or(e),
+        )
     }
 }
 
