@@ -68,6 +68,9 @@ pub enum Command {
     /// Per-tenant cron schedules (run by `run`'s scheduler).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Show a tenant's rollup results.
+    #[command(subcommand)]
+    Rollups(RollupsCommand),
     /// Run the worker (Ctrl-C / SIGTERM: finish in-flight jobs, then exit).
     Run {
         /// Exit once no runnable job remains.
@@ -99,6 +102,18 @@ pub struct ArgShortcuts {
     /// export: only rows updated since this time (RFC 3339).
     #[arg(long)]
     pub since: Option<DateTime<Utc>>,
+    /// import: a file inside the tenant's inbox (<imports.dir>/<tenant id>/), relative to it.
+    #[arg(long)]
+    pub file: Option<String>,
+    /// import: all-or-nothing (default) or skip-invalid.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// rollup / process: the rollup or declared job to run.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// rollup: recompute everything, not only the changed buckets.
+    #[arg(long)]
+    pub full: bool,
 }
 
 impl ArgShortcuts {
@@ -123,6 +138,18 @@ impl ArgShortcuts {
         }
         if let Some(t) = &self.since {
             map.insert("since".into(), t.to_rfc3339().into());
+        }
+        if let Some(f) = &self.file {
+            map.insert("file".into(), f.clone().into());
+        }
+        if let Some(m) = &self.mode {
+            map.insert("mode".into(), m.clone().into());
+        }
+        if let Some(n) = &self.name {
+            map.insert("name".into(), n.clone().into());
+        }
+        if self.full {
+            map.insert("full".into(), true.into());
         }
         Ok(value)
     }
@@ -195,6 +222,20 @@ pub enum JobsCommand {
     Cancel {
         /// Job id.
         id: String,
+    },
+}
+
+/// `rollups` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RollupsCommand {
+    /// Print a tenant's rollup rows.
+    Show {
+        /// The tenant.
+        #[arg(long)]
+        tenant: TenantId,
+        /// Only this rollup.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -325,6 +366,26 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Jobs(cmd) => jobs_command(&settings, cmd).await?,
         Command::Schedule(cmd) => schedule_command(&settings, cmd).await?,
+        Command::Rollups(RollupsCommand::Show { tenant, name }) => {
+            let urls = resolve(&settings).await?;
+            let app = db::app_pool(&settings, &urls).await?;
+            let mut tx = tenant::TenantTx::begin(&app, tenant).await?;
+            let rows = crate::jobs::rollup::show(&mut tx, name.as_deref()).await?;
+            tx.rollback().await?;
+            if rows.is_empty() {
+                println!("no rollup rows: run `tenant-worker enqueue rollup --tenant {tenant}`");
+            }
+            for r in rows {
+                println!(
+                    "{:<26} {}  {:<40} count {:>8}  sum {}",
+                    r.name,
+                    r.bucket,
+                    r.dims.to_string(),
+                    r.count.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    r.sum.unwrap_or_else(|| "-".into())
+                );
+            }
+        }
         Command::Run { until_idle } => return run_worker(&settings, until_idle).await,
         Command::Audit => {
             let urls = resolve(&settings).await?;

@@ -52,6 +52,8 @@ pub struct Settings {
     pub dev: DevSettings,
     /// Where exports are written.
     pub exports: ExportSettings,
+    /// Where import files are read from.
+    pub imports: ImportSettings,
     /// Where declared jobs are read from.
     pub jobs: JobsSettings,
 }
@@ -68,6 +70,22 @@ impl Default for ExportSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("exports"),
+        }
+    }
+}
+
+/// Import inboxes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ImportSettings {
+    /// Root folder; a tenant's files are read from `<dir>/<tenant id>/` only.
+    pub dir: PathBuf,
+}
+
+impl Default for ImportSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("imports"),
         }
     }
 }

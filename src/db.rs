@@ -424,6 +424,9 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         ),
         format!(r#"grant execute on all functions in schema apalis to "{queue}""#),
         format!(r#"grant usage on schema public to "{queue}""#),
+        format!(
+            r#"grant select, insert, update, delete on public.rollups, public.rollup_changes, public.rollup_runs to "{app}""#
+        ),
         // The app role manages one tenant's schedules through RLS like any tenant data.
         format!(r#"grant select, insert, update, delete on public.schedules to "{app}""#),
         // The scheduler role: every tenant's schedules, read-only, through one narrow policy

@@ -84,6 +84,7 @@ pub struct WorkerState {
     stats: Arc<Stats>,
     catalog: Arc<Catalog>,
     exports_dir: std::path::PathBuf,
+    imports_dir: std::path::PathBuf,
 }
 
 /// Counters for one [`run`].
@@ -128,6 +129,7 @@ impl WorkerState {
             stats: Arc::new(Stats::default()),
             catalog: Arc::new(Catalog::new()),
             exports_dir: settings.exports.dir.clone(),
+            imports_dir: settings.imports.dir.clone(),
         }
     }
 
@@ -229,6 +231,7 @@ async fn handle(
             job_id: verified.job_id,
             attempt,
             exports_dir: state.exports_dir.clone(),
+            imports_dir: state.imports_dir.clone(),
             catalog: state.catalog.clone(),
         };
         let timeout = state.settings.timeout_for(spec.kind());

@@ -44,6 +44,10 @@ pub struct LoadError {
 pub enum DeclaredKind {
     /// A named export: one read-only SELECT.
     Export,
+    /// A rollup: one read-only SELECT returning `bucket`, `dims`, `value`.
+    Rollup,
+    /// A processing step: one INSERT, UPDATE or DELETE.
+    Process,
 }
 
 /// A default schedule in a declared job.
@@ -192,7 +196,10 @@ pub fn parse_declared(file: &Path, text: &str) -> Result<Declared, LoadError> {
         return Err(err(format!("format `{f}` must be csv or jsonl")));
     }
     let sql = match raw.kind {
-        DeclaredKind::Export => check_read_only_query(&raw.sql).map_err(err)?,
+        DeclaredKind::Export | DeclaredKind::Rollup => {
+            check_read_only_query(&raw.sql).map_err(err)?
+        }
+        DeclaredKind::Process => check_data_statement(&raw.sql).map_err(err)?,
     };
     if let Some(s) = &raw.schedule {
         crate::scheduler::parse_cron(&s.cron).map_err(|e| err(e.to_string()))?;
@@ -266,6 +273,44 @@ pub fn check_read_only_query(sql: &str) -> Result<String, String> {
         other => ControlFlow::Break(first_words(&other.to_string())),
     }) {
         return Err(format!("SQL must only read, but it contains: {found}"));
+    }
+    check_functions(statement)?;
+    Ok(statement.to_string())
+}
+
+/// Checks that `sql` is exactly one INSERT, UPDATE or DELETE (a processing step) that never
+/// touches the tenant context, and returns it printed back from its parse tree.
+///
+/// # Errors
+/// A human-readable reason.
+pub fn check_data_statement(sql: &str) -> Result<String, String> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| format!("SQL does not parse: {e}"))?;
+    let [statement] = statements.as_slice() else {
+        return Err(format!(
+            "SQL must be exactly one statement, found {}",
+            statements.len()
+        ));
+    };
+    if !matches!(
+        statement,
+        Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_)
+    ) {
+        return Err(format!(
+            "SQL must be one INSERT, UPDATE or DELETE, found: {}",
+            first_words(&statement.to_string())
+        ));
+    }
+    if let ControlFlow::Break(found) = visit_statements(statement, |s| match s {
+        Statement::Query(_)
+        | Statement::Insert(_)
+        | Statement::Update { .. }
+        | Statement::Delete(_) => ControlFlow::Continue(()),
+        other => ControlFlow::Break(first_words(&other.to_string())),
+    }) {
+        return Err(format!(
+            "SQL contains a statement that is not data: {found}"
+        ));
     }
     check_functions(statement)?;
     Ok(statement.to_string())

@@ -12,7 +12,10 @@ use crate::tenant::{self, TenantTx};
 
 pub mod declared;
 pub mod export;
+pub mod import;
 pub mod noop;
+pub mod process;
+pub mod rollup;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,6 +89,8 @@ pub struct JobContext {
     pub attempt: u32,
     /// Root folder of exports.
     pub exports_dir: PathBuf,
+    /// Root folder of tenant inboxes for imports.
+    pub imports_dir: PathBuf,
     /// Declared jobs.
     pub catalog: Arc<Catalog>,
 }
@@ -97,10 +102,22 @@ pub enum JobSpec {
     Noop(noop::Noop),
     /// See [`export`].
     Export(export::Export),
+    /// See [`import`].
+    Import(import::Import),
+    /// See [`rollup`].
+    Rollup(rollup::Rollup),
+    /// See [`process`].
+    Process(process::Process),
 }
 
 /// The kind names, for help texts and validation.
-pub const KINDS: &[&str] = &[noop::Noop::KIND, export::Export::KIND];
+pub const KINDS: &[&str] = &[
+    noop::Noop::KIND,
+    export::Export::KIND,
+    import::Import::KIND,
+    rollup::Rollup::KIND,
+    process::Process::KIND,
+];
 
 fn parse_args<T: DeserializeOwned>(kind: &str, args: &serde_json::Value) -> Result<T, Rejection> {
     serde_json::from_value(args.clone()).map_err(|e| Rejection::InvalidArgs {
@@ -122,6 +139,9 @@ impl JobSpec {
         let spec = match kind {
             noop::Noop::KIND => JobSpec::Noop(parse_args(kind, args)?),
             export::Export::KIND => JobSpec::Export(parse_args(kind, args)?),
+            import::Import::KIND => JobSpec::Import(parse_args(kind, args)?),
+            rollup::Rollup::KIND => JobSpec::Rollup(parse_args(kind, args)?),
+            process::Process::KIND => JobSpec::Process(parse_args(kind, args)?),
             other => return Err(Rejection::UnknownKind(other.chars().take(64).collect())),
         };
         spec.validate(catalog)?;
@@ -133,6 +153,9 @@ impl JobSpec {
         match self {
             JobSpec::Noop(_) => noop::Noop::KIND,
             JobSpec::Export(_) => export::Export::KIND,
+            JobSpec::Import(_) => import::Import::KIND,
+            JobSpec::Rollup(_) => rollup::Rollup::KIND,
+            JobSpec::Process(_) => process::Process::KIND,
         }
     }
 
@@ -140,6 +163,9 @@ impl JobSpec {
         match self {
             JobSpec::Noop(a) => a.validate(),
             JobSpec::Export(a) => a.validate(catalog),
+            JobSpec::Import(a) => a.validate(),
+            JobSpec::Rollup(a) => a.validate(catalog),
+            JobSpec::Process(a) => a.validate(catalog),
         }
         .map_err(|reason| Rejection::InvalidArgs {
             kind: self.kind().to_string(),
@@ -159,6 +185,9 @@ impl JobSpec {
         match self {
             JobSpec::Noop(a) => a.run(tx, ctx).await,
             JobSpec::Export(a) => a.run(tx, ctx).await,
+            JobSpec::Import(a) => a.run(tx, ctx).await,
+            JobSpec::Rollup(a) => a.run(tx, ctx).await,
+            JobSpec::Process(a) => a.run(tx, ctx).await,
         }
     }
 }

@@ -1,0 +1,247 @@
+//! `rollup`: per-tenant aggregates written into the tenant-scoped `rollups` table.
+//!
+//! Built in:
+//! - `records_per_kind_per_day`: records per kind per creation day (UTC);
+//! - `invoices_per_month`: invoices per issue month per status per currency, count and sum of
+//!   amount.
+//!
+//! A full run recomputes every bucket. An incremental run (the default once a full run exists)
+//! consumes the bucket changes that statement-level triggers on `records` logged since, old
+//! and new bucket alike, so updates that move a row between buckets and deletes are handled;
+//! it recomputes only those buckets. Both delete and re-insert the buckets they own, so running
+//! twice gives the same table. Declared rollups (`kind = "rollup"` in `jobs/`) always run full:
+//! their SELECT returns `bucket`, `dims` and `value`.
+
+use serde::{Deserialize, Serialize};
+
+use super::declared::{Catalog, DeclaredKind, is_valid_name};
+use super::{Job, JobContext, JobError};
+use crate::tenant::TenantTx;
+
+/// Built-in rollup names.
+pub const BUILTINS: &[&str] = &["records_per_kind_per_day", "invoices_per_month"];
+
+/// Arguments of `rollup`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollup {
+    /// One rollup (built-in or declared); default: all built-ins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Recompute everything instead of the changed buckets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
+}
+
+impl Job for Rollup {
+    const KIND: &'static str = "rollup";
+}
+
+/// The aggregation of a built-in rollup over the rows selected by `filter` (a condition on
+/// `r`, the records alias, using `$1` as the bucket array).
+fn builtin_select(name: &str, filter: &str) -> Option<String> {
+    Some(match name {
+        "records_per_kind_per_day" => format!(
+            "select r.tenant_id, '{name}', r.created_day, jsonb_build_object('kind', r.kind),
+                    count(*), null::numeric
+             from public.records r {filter}
+             group by r.tenant_id, r.created_day, r.kind"
+        ),
+        "invoices_per_month" => format!(
+            "select r.tenant_id, '{name}', r.invoice_month,
+                    jsonb_build_object('status', coalesce(r.data ->> 'status', ''),
+                                       'currency', coalesce(r.data ->> 'currency', '')),
+                    count(*), sum((r.data ->> 'amount')::numeric)
+             from public.records r
+             where r.kind = 'invoice' and r.invoice_month is not null {}
+             group by r.tenant_id, r.invoice_month, 2, 4",
+            filter.replacen("where", "and", 1)
+        ),
+        _ => return None,
+    })
+}
+
+fn bucket_column(name: &str) -> &'static str {
+    match name {
+        "invoices_per_month" => "r.invoice_month",
+        _ => "r.created_day",
+    }
+}
+
+impl Rollup {
+    pub(super) fn validate(&self, catalog: &Catalog) -> Result<(), String> {
+        if let Some(name) = &self.name {
+            let ok = is_valid_name(name)
+                && (BUILTINS.contains(&name.as_str())
+                    || catalog
+                        .get(name)
+                        .is_some_and(|d| d.kind == DeclaredKind::Rollup));
+            if !ok {
+                return Err(format!(
+                    "unknown rollup `{}`: use one of {} or a rollup declared in jobs/",
+                    name.chars().take(80).collect::<String>(),
+                    BUILTINS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn run(
+        &self,
+        tx: &mut TenantTx,
+        ctx: &JobContext,
+    ) -> Result<serde_json::Value, JobError> {
+        let names: Vec<String> = match &self.name {
+            Some(n) => vec![n.clone()],
+            None => BUILTINS.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut results = serde_json::Map::new();
+        for name in names {
+            // One rollup of one tenant at a time.
+            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(format!("rollup:{}:{name}", tx.tenant_id()))
+                .execute(tx.conn())
+                .await?;
+            let outcome = if BUILTINS.contains(&name.as_str()) {
+                run_builtin(tx, &name, self.full).await?
+            } else {
+                let declared = ctx
+                    .catalog
+                    .get(&name)
+                    .filter(|d| d.kind == DeclaredKind::Rollup)
+                    .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+                run_declared(tx, &name, &declared.sql).await?
+            };
+            results.insert(name, outcome);
+        }
+        Ok(serde_json::Value::Object(results))
+    }
+}
+
+async fn run_builtin(
+    tx: &mut TenantTx,
+    name: &str,
+    full: bool,
+) -> Result<serde_json::Value, JobError> {
+    let has_run: bool =
+        sqlx::query_scalar("select exists(select 1 from rollup_runs where name = $1)")
+            .bind(name)
+            .fetch_one(tx.conn())
+            .await?;
+    let full = full || !has_run;
+    // Consume the logged changes either way: a full run covers them.
+    let touched: Vec<chrono::NaiveDate> = sqlx::query_scalar(
+        "with c as (delete from rollup_changes where name = $1 returning bucket)
+         select distinct bucket from c",
+    )
+    .bind(name)
+    .fetch_all(tx.conn())
+    .await?;
+    let (mode, deleted, inserted) = if full {
+        let deleted = sqlx::query("delete from rollups where name = $1")
+            .bind(name)
+            .execute(tx.conn())
+            .await?
+            .rows_affected();
+        let select = builtin_select(name, "")
+            .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into rollups (tenant_id, name, bucket, dims, count, sum) {select}"
+        )))
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        ("full", deleted, inserted)
+    } else {
+        let deleted = sqlx::query("delete from rollups where name = $1 and bucket = any($2)")
+            .bind(name)
+            .bind(&touched)
+            .execute(tx.conn())
+            .await?
+            .rows_affected();
+        let filter = format!("where {} = any($1)", bucket_column(name));
+        let select = builtin_select(name, &filter)
+            .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into rollups (tenant_id, name, bucket, dims, count, sum) {select}"
+        )))
+        .bind(&touched)
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        ("incremental", deleted, inserted)
+    };
+    record_run(tx, name, mode).await?;
+    Ok(serde_json::json!({
+        "mode": mode,
+        "buckets_touched": if full { serde_json::Value::Null } else { touched.len().into() },
+        "rows_deleted": deleted,
+        "rows_written": inserted,
+    }))
+}
+
+async fn run_declared(
+    tx: &mut TenantTx,
+    name: &str,
+    sql: &str,
+) -> Result<serde_json::Value, JobError> {
+    let deleted = sqlx::query("delete from rollups where name = $1")
+        .bind(name)
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "insert into rollups (tenant_id, name, bucket, dims, count, sum)
+         select public.current_tenant_id(), $1, q.bucket::date,
+                coalesce(q.dims::jsonb, '{{}}'::jsonb), null, q.value::numeric
+         from ({sql}) q"
+    )))
+    .bind(name)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    record_run(tx, name, "full").await?;
+    Ok(serde_json::json!({ "mode": "full", "rows_deleted": deleted, "rows_written": inserted }))
+}
+
+async fn record_run(tx: &mut TenantTx, name: &str, mode: &str) -> Result<(), JobError> {
+    sqlx::query(
+        "insert into rollup_runs (tenant_id, name, mode) values (public.current_tenant_id(), $1, $2)
+         on conflict (tenant_id, name) do update set mode = excluded.mode, ran_at = now()",
+    )
+    .bind(name)
+    .bind(mode)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+/// One row of a tenant's rollups.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct RollupRow {
+    /// Rollup name.
+    pub name: String,
+    /// Bucket (day or month).
+    pub bucket: chrono::NaiveDate,
+    /// Dimensions.
+    pub dims: serde_json::Value,
+    /// Count (built-ins).
+    pub count: Option<i64>,
+    /// Sum (amounts, or a declared rollup's value).
+    pub sum: Option<String>,
+}
+
+/// A tenant's rollup rows (app role, scoped), optionally one rollup only.
+///
+/// # Errors
+/// Database errors.
+pub async fn show(tx: &mut TenantTx, name: Option<&str>) -> Result<Vec<RollupRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select name, bucket, dims, count, sum::text as sum from rollups
+         where ($1::text is null or name = $1) order by name, bucket, dims::text",
+    )
+    .bind(name)
+    .fetch_all(tx.conn())
+    .await
+}
