@@ -260,7 +260,7 @@ pub enum ScheduleCommand {
         #[arg(long, default_value = "{}")]
         args: String,
         #[command(flatten)]
-        shortcuts: ArgShortcuts,
+        shortcuts: Box<ArgShortcuts>,
     },
     /// List schedules (one tenant's, or all).
     List {

@@ -361,7 +361,7 @@ fn read_csv(
                 let field = |i: Option<usize>| -> Result<Option<String>, String> {
                     match i.and_then(|i| record.get(i)) {
                         None => Ok(None),
-                        Some(b) if b.is_empty() => Ok(None),
+                        Some([]) => Ok(None),
                         Some(b) => std::str::from_utf8(b)
                             .map(|s| Some(s.to_string()))
                             .map_err(|_| "a field is not valid UTF-8".to_string()),
