@@ -241,14 +241,15 @@ impl Export {
                 temp.display()
             )))
         })?;
+        // The file becomes visible only if the tenant context is still this job's. Checked
+        // before leaving the savepoint, whose rollback would undo a change and hide it.
+        tx.check_context().await.map_err(|e| cleanup(e.into()))?;
         if declared {
             sqlx::query("rollback to savepoint declared_export")
                 .execute(tx.conn())
                 .await
                 .map_err(|e| cleanup(e.into()))?;
         }
-        // The file becomes visible only if the tenant context is still this job's.
-        tx.check_context().await.map_err(|e| cleanup(e.into()))?;
         let path = dir.join(&name);
         std::fs::rename(&temp, &path).map_err(|e| cleanup(JobError::Retryable(e.to_string())))?;
         sync_dir(&dir);
