@@ -21,6 +21,7 @@ use apalis::prelude::*;
 use apalis_core::backend::codec::Codec;
 use apalis_core::backend::ext::poll_strategy::{Strategy, StreamStrategy};
 use apalis_postgres::PostgresStorage;
+use futures::FutureExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, field};
@@ -34,19 +35,14 @@ use crate::queue::REJECTED_PREFIX;
 use crate::tenant::TenantTx;
 
 /// Errors that stop [`run`] (everything else is logged and survived).
+///
+/// **Note:** `run` does not audit the security posture itself; callers run
+/// [`crate::audit::run`] first, as `tenant-worker run` does.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The security audit failed; the worker refuses to start.
-    #[error(
-        "refusing to start: the security audit failed ({0} problem(s)); run `tenant-worker audit`"
-    )]
-    AuditFailed(usize),
     /// Database error during start-up.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    /// Audit could not run.
-    #[error(transparent)]
-    Audit(#[from] crate::audit::Error),
 }
 
 /// Result alias for this module.
@@ -85,6 +81,9 @@ pub struct WorkerState {
     catalog: Arc<Catalog>,
     exports_dir: std::path::PathBuf,
     imports_dir: std::path::PathBuf,
+    /// Cancelled when the shutdown timeout cuts in-flight jobs off: their transactions roll
+    /// back, so they take effect once when run again.
+    abort: CancellationToken,
 }
 
 /// Counters for one [`run`].
@@ -130,6 +129,7 @@ impl WorkerState {
             catalog: Arc::new(Catalog::new()),
             exports_dir: settings.exports.dir.clone(),
             imports_dir: settings.imports.dir.clone(),
+            abort: CancellationToken::new(),
         }
     }
 
@@ -235,17 +235,32 @@ async fn handle(
             catalog: state.catalog.clone(),
         };
         let timeout = state.settings.timeout_for(spec.kind());
-        let result = tokio::time::timeout(
-            timeout,
-            execute(&state.app_pool, verified.tenant_id, &spec, &ctx),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ExecError::Job(JobError::Retryable(format!(
-                "timed out after {}s",
-                timeout.as_secs()
-            ))))
-        });
+        // A panicking job must not take the worker down or stay "running": it becomes a
+        // permanent failure with the panic message (a panic is a bug, not a hiccup).
+        let guarded = std::panic::AssertUnwindSafe(execute(
+            &state.app_pool,
+            verified.tenant_id,
+            &spec,
+            &ctx,
+        ))
+        .catch_unwind();
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, guarded) => match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => Err(ExecError::Job(JobError::Fatal(format!(
+                    "job panicked: {}",
+                    panic_message(&panic)
+                )))),
+                Err(_) => Err(ExecError::Job(JobError::Retryable(format!(
+                    "timed out after {}s",
+                    timeout.as_secs()
+                )))),
+            },
+            () = state.abort.cancelled() => {
+                tracing::warn!("job cut off by the shutdown timeout; its transaction rolls back");
+                return Err(Box::new(JobFailed("cut off by shutdown".into())) as BoxDynError);
+            }
+        };
         match result {
             Ok(Outcome::Done(out)) => {
                 state.stats.done.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +301,14 @@ async fn handle(
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct JobFailed(String);
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
 
 fn reject(state: &WorkerState, r: Rejection) -> BoxDynError {
     state.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -487,7 +510,15 @@ pub async fn run(
         let result = tokio::select! {
             r = run => r,
             () = grace => {
-                tracing::warn!(worker = %name, "shutdown timeout reached; jobs still running are cut off and will run again later");
+                tracing::warn!(worker = %name, "shutdown timeout reached; cutting off the jobs still running (they roll back and run again later)");
+                state.abort.cancel();
+                // Let the cut-off transactions roll back, then hand their jobs back at once
+                // instead of after the heartbeat timeout.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match release_jobs(&state.queue_pool, &name).await {
+                    Ok(n) => tracing::info!(worker = %name, jobs = n, "released cut-off jobs"),
+                    Err(e) => tracing::warn!(worker = %name, error.message = %e, "could not release cut-off jobs; the heartbeat timeout will"),
+                }
                 return Ok(state.summary());
             }
         };
@@ -606,7 +637,7 @@ mod tests {
     /// Applications spawn the worker on their runtime: its future must be `Send + 'static`.
     #[allow(dead_code)]
     fn run_can_be_spawned(state: WorkerState) {
-        let _ = tokio::spawn(run(state, RunOptions::default(), CancellationToken::new()));
+        let _handle = tokio::spawn(run(state, RunOptions::default(), CancellationToken::new()));
     }
 
     #[test]

@@ -359,3 +359,15 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Generates a key pair with id `kid` in `dir`, makes it the signing key of `settings` and adds
+/// it to the verifying keys. Returns its signer. (The same steps `TestDb::for_database` takes for
+/// the per-test key, for tests that build their own settings or rotate keys.)
+pub fn add_key(settings: &mut Settings, dir: &std::path::Path, kid: &str) -> Signer {
+    let (kid, private, public) =
+        envelope::generate_key_pair(dir, Some(KeyId::parse(kid).expect("key id"))).expect("keys");
+    settings.keys.signing_key_file = Some(private.clone());
+    settings.keys.signing_key_id = Some(kid.to_string());
+    settings.keys.verifying.insert(kid.to_string(), public);
+    Signer::from_file(kid, &private).expect("signer")
+}

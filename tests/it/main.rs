@@ -2,4 +2,6 @@
 //! real queue and the real binary.
 
 mod data_layer;
+mod exports;
 mod helpers;
+mod worker;
