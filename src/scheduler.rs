@@ -69,8 +69,8 @@ pub enum ScheduleError {
     #[error(transparent)]
     Parse(#[from] Error),
     /// The job the schedule would create is invalid.
-    #[error("invalid scheduled job")]
-    Job(#[from] crate::envelope::Rejection),
+    #[error("invalid scheduled job: {0}")]
+    Job(crate::envelope::Rejection),
     /// Database error.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -83,6 +83,12 @@ pub enum ScheduleError {
     /// No schedule with this id.
     #[error("no schedule with id {0}")]
     NotFound(Uuid),
+}
+
+impl From<crate::envelope::Rejection> for ScheduleError {
+    fn from(r: crate::envelope::Rejection) -> Self {
+        Self::Job(r)
+    }
 }
 
 /// Advisory-lock key of the scheduler leader (one per database).

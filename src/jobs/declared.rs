@@ -24,7 +24,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sqlparser::ast::{Expr, Statement, visit_expressions, visit_statements};
+use sqlparser::ast::{Statement, visit_statements};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -316,28 +316,29 @@ pub fn check_data_statement(sql: &str) -> Result<String, String> {
     Ok(statement.to_string())
 }
 
-/// Refuses calls of [`FORBIDDEN_FUNCTIONS`] anywhere in the statement.
+/// Refuses [`FORBIDDEN_FUNCTIONS`] anywhere in the statement: as calls in expressions, as
+/// table functions in FROM (`from set_config(...) s`), quoted or schema-qualified. Every word of
+/// the statement as it will run (printed back from the parse tree) is checked, so no position
+/// in the grammar is missed; a column that happens to share such a name is refused too, which
+/// is the safe side.
 fn check_functions(statement: &Statement) -> Result<(), String> {
-    let found = visit_expressions(statement, |e| {
-        if let Expr::Function(f) = e {
-            let name = f
-                .name
-                .0
-                .last()
-                .map(|p| p.to_string().trim_matches('"').to_ascii_lowercase())
-                .unwrap_or_default();
-            if FORBIDDEN_FUNCTIONS.contains(&name.as_str()) {
-                return ControlFlow::Break(name);
-            }
+    let printed = statement.to_string();
+    let tokens = sqlparser::tokenizer::Tokenizer::new(&PostgreSqlDialect {}, &printed)
+        .tokenize()
+        .map_err(|e| format!("SQL does not tokenize: {e}"))?;
+    let found = tokens.iter().find_map(|t| match t {
+        sqlparser::tokenizer::Token::Word(w) => {
+            let name = w.value.to_ascii_lowercase();
+            FORBIDDEN_FUNCTIONS.contains(&name.as_str()).then_some(name)
         }
-        ControlFlow::Continue(())
+        _ => None,
     });
     match found {
-        ControlFlow::Break(name) if name == "set_config" => {
+        Some(name) if name == "set_config" => {
             Err("SQL must not change the tenant context or settings (set_config)".into())
         }
-        ControlFlow::Break(name) => Err(format!("SQL must not call {name}()")),
-        ControlFlow::Continue(()) => Ok(()),
+        Some(name) => Err(format!("SQL must not call {name}()")),
+        None => Ok(()),
     }
 }
 
@@ -384,6 +385,18 @@ mod tests {
             ),
             ("select * from records for update", "lock"),
             ("select pg_sleep(10)", "pg_sleep"),
+            (
+                "select s from set_config('app.tenant_id', 'x', true) s",
+                "tenant context",
+            ),
+            (
+                "select * from lateral \"set_config\"('app.tenant_id', 'x', true)",
+                "tenant context",
+            ),
+            (
+                "select * from v_property, pg_catalog.pg_sleep(1)",
+                "pg_sleep",
+            ),
         ] {
             let err = check_read_only_query(sql).unwrap_err();
             assert!(err.contains(expected), "{sql}: {err}");

@@ -296,6 +296,7 @@ fn remove_stale_temps(dir: &Path, job: &str) {
 struct CsvRows {
     in_quotes: bool,
     rows: u64,
+    lines: u64,
 }
 
 impl CsvRows {
@@ -303,7 +304,12 @@ impl CsvRows {
         for &b in chunk {
             match b {
                 b'"' => self.in_quotes = !self.in_quotes,
-                b'\n' if !self.in_quotes => self.rows += 1,
+                b'\n' => {
+                    self.lines += 1;
+                    if !self.in_quotes {
+                        self.rows += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -350,6 +356,7 @@ fn write_file(
     let mut counter = CsvRows {
         in_quotes: false,
         rows: 0,
+        lines: 0,
     };
     let mut pump = |out: &mut dyn std::io::Write| -> std::io::Result<()> {
         for chunk in &chunks {
@@ -371,7 +378,8 @@ fn write_file(
     tee.file.sync_all()?;
     let rows = match format {
         Format::Csv => counter.rows.saturating_sub(1),
-        Format::Jsonl => counter.rows,
+        // JSON text never holds a raw newline, and quotes inside it are escaped: count lines.
+        Format::Jsonl => counter.lines,
     };
     Ok((rows, tee.bytes, hex::encode(tee.hasher.finalize())))
 }
