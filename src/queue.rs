@@ -402,16 +402,21 @@ pub async fn list(
     Ok(out)
 }
 
+/// The `apalis.jobs` row id (ULID text) of a job id given in UUID or ULID form.
+fn row_id(id: &str) -> Result<String> {
+    JobId::parse_any(id)
+        .map(|j| j.to_ulid().to_string())
+        .ok_or_else(|| Error::NotFound(id.chars().take(64).collect()))
+}
+
 /// One job by id (UUID or ULID form).
 ///
 /// # Errors
 /// [`Error::NotFound`] or database errors.
 pub async fn show(pool: &PgPool, id: &str) -> Result<JobInfo> {
-    let job_id =
-        JobId::parse_any(id).ok_or_else(|| Error::NotFound(id.chars().take(64).collect()))?;
     let row: Option<JobRow> =
         sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_JOBS} where id = $1")))
-            .bind(job_id.to_ulid().to_string())
+            .bind(row_id(id)?)
             .fetch_optional(pool)
             .await?;
     row.map(to_info)
@@ -435,9 +440,7 @@ pub async fn retry(pool: &PgPool, id: &str) -> Result<()> {
             what: "retry",
         });
     }
-    let ulid = JobId::parse_any(id)
-        .map(|j| j.to_ulid().to_string())
-        .unwrap_or_default();
+    let ulid = row_id(id)?;
     sqlx::query(
         "update apalis.jobs set status = 'Pending', attempts = 0, run_at = now(), lock_by = null,
                 lock_at = null, done_at = null
@@ -455,9 +458,7 @@ pub async fn retry(pool: &PgPool, id: &str) -> Result<()> {
 /// [`Error::NotFound`], [`Error::WrongState`] or database errors.
 pub async fn cancel(pool: &PgPool, id: &str) -> Result<()> {
     let info = show(pool, id).await?;
-    let ulid = JobId::parse_any(id)
-        .map(|j| j.to_ulid().to_string())
-        .unwrap_or_default();
+    let ulid = row_id(id)?;
     let n = sqlx::query(
         "update apalis.jobs set status = 'Killed', done_at = now(), lock_by = null,
                 last_result = jsonb_build_object('Err', $2::text)

@@ -244,20 +244,27 @@ const FORBIDDEN_FUNCTIONS: &[&str] = &[
     "pg_sleep",
 ];
 
+/// Parses `sql` (PostgreSQL dialect) and requires exactly one statement.
+fn parse_one(sql: &str) -> Result<Statement, String> {
+    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| format!("SQL does not parse: {e}"))?;
+    if statements.len() != 1 {
+        return Err(format!(
+            "SQL must be exactly one statement, found {}",
+            statements.len()
+        ));
+    }
+    Ok(statements.remove(0))
+}
+
 /// Checks that `sql` is exactly one read-only SELECT that never touches the tenant context and
 /// returns it printed back from its parse tree.
 ///
 /// # Errors
 /// A human-readable reason.
 pub fn check_read_only_query(sql: &str) -> Result<String, String> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| format!("SQL does not parse: {e}"))?;
-    let [statement] = statements.as_slice() else {
-        return Err(format!(
-            "SQL must be exactly one statement, found {}",
-            statements.len()
-        ));
-    };
+    let statement = parse_one(sql)?;
+    let statement = &statement;
     let Statement::Query(query) = statement else {
         return Err(format!(
             "SQL must be a read-only SELECT, found: {}",
@@ -284,14 +291,8 @@ pub fn check_read_only_query(sql: &str) -> Result<String, String> {
 /// # Errors
 /// A human-readable reason.
 pub fn check_data_statement(sql: &str) -> Result<String, String> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| format!("SQL does not parse: {e}"))?;
-    let [statement] = statements.as_slice() else {
-        return Err(format!(
-            "SQL must be exactly one statement, found {}",
-            statements.len()
-        ));
-    };
+    let statement = parse_one(sql)?;
+    let statement = &statement;
     if !matches!(
         statement,
         Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_)
