@@ -435,6 +435,10 @@ fn validate_value(line: u64, value: serde_json::Value, tenant: TenantId) -> Item
     let Some(data) = rec.data.as_object() else {
         return row_error(line, "`data` must be a JSON object".into());
     };
+    if contains_nul(&rec.data) || rec.external_id.as_deref().is_some_and(|e| e.contains('\0')) {
+        // Valid JSON (`\u0000`), but PostgreSQL text and jsonb cannot hold it.
+        return row_error(line, "a value contains a NUL character (\\u0000)".into());
+    }
     let text = |k: &str, required: bool| -> Result<(), String> {
         match data.get(k) {
             None if required => Err(format!("{} requires `{k}`", rec.kind)),
@@ -520,6 +524,16 @@ fn validate_value(line: u64, value: serde_json::Value, tenant: TenantId) -> Item
     })
 }
 
+/// True when any key or string in `v` holds a NUL character.
+fn contains_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(contains_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
 /// COPY text format escaping: backslash, tab, newline and carriage return.
 fn copy_escape(out: &mut Vec<u8>, s: &str) {
     for b in s.bytes() {
@@ -589,10 +603,14 @@ async fn load_rows(
 /// tenant's records (RLS), so another tenant's rows behave exactly like missing ones.
 async fn check_rules(tx: &mut TenantTx) -> Result<(), JobError> {
     let statements = [
-        // An id given for a record without external id must be new.
+        // An id given must be new, unless it is the id of the very record this row upserts
+        // (same kind and external id).
         "update import_rows u set error = 'id already used by another record of this tenant'
-         where u.error is null and u.id is not null and u.external_id is null
-           and exists (select 1 from records r where r.id = u.id)",
+         where u.error is null and u.id is not null
+           and exists (select 1 from records r
+                       where r.id = u.id
+                         and not coalesce(u.external_id is not null and r.kind = u.kind
+                                          and r.external_id = u.external_id, false))",
         "update import_rows u set error = 'id appears more than once in this import'
          from (select line, row_number() over (partition by id order by line) as rn
                from import_rows where id is not null and error is null) d
@@ -611,8 +629,10 @@ async fn check_rules(tx: &mut TenantTx) -> Result<(), JobError> {
          where u.error is null and u.kind = 'customer'
            and exists (select 1 from records r
                        where r.kind = 'customer' and lower(r.data ->> 'email') = lower(u.data ->> 'email')
-                         and r.external_id is distinct from u.external_id
-                         and r.id is distinct from u.id)",
+                         -- the record this row upserts (same external id or id) is no
+                         -- conflict; coalesce because a NULL comparison must not hide one
+                         and not coalesce(r.external_id = u.external_id, false)
+                         and not coalesce(r.id = u.id, false))",
         // Rule: an invoice's customer is an existing customer of this tenant (or one this
         // import adds, with that id).
         "update import_rows u set error = 'customer_id does not name a customer of this tenant (rule invoice_customer_must_exist)'

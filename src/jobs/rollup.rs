@@ -195,7 +195,8 @@ async fn run_declared(
         "insert into rollups (tenant_id, name, bucket, dims, count, sum)
          select public.current_tenant_id(), $1, q.bucket::date,
                 coalesce(q.dims::jsonb, '{{}}'::jsonb), null, q.value::numeric
-         from ({sql}) q"
+         from ({sql}) q
+         where q.bucket is not null"
     )))
     .bind(name)
     .execute(tx.conn())

@@ -4,4 +4,5 @@
 mod data_layer;
 mod exports;
 mod helpers;
+mod processing;
 mod worker;
