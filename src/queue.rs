@@ -88,6 +88,7 @@ pub struct Enqueuer {
     queue: String,
     max_attempts: i32,
     ttl_secs: i64,
+    max_payload_bytes: usize,
 }
 
 /// One signed row, ready to insert.
@@ -112,6 +113,7 @@ impl Enqueuer {
             queue: settings.worker.queue.clone(),
             max_attempts: settings.worker.max_attempts as i32,
             ttl_secs: settings.keys.job_ttl_secs as i64,
+            max_payload_bytes: settings.worker.max_payload_bytes,
         }
     }
 
@@ -137,9 +139,18 @@ impl Enqueuer {
             issued_at,
             expires_at,
         });
+        let payload = serde_json::to_vec(&envelope)?;
+        // Workers refuse payloads over this size; refuse them here, where the caller can act.
+        if payload.len() > self.max_payload_bytes {
+            return Err(Rejection::TooLarge {
+                size: payload.len(),
+                limit: self.max_payload_bytes,
+            }
+            .into());
+        }
         Ok(Prepared {
             id,
-            payload: serde_json::to_vec(&envelope)?,
+            payload,
             tenant,
             kind: spec.kind().to_string(),
             run_at,

@@ -19,14 +19,24 @@ pub enum Error {
 }
 
 /// Parses a cron expression: 5 fields (minute hour day month weekday) or 6 with seconds first.
+/// Weekdays use standard cron numbering: 0 or 7 = Sunday, 1 = Monday, ..., 6 = Saturday.
 ///
 /// # Errors
 /// [`Error::Cron`].
 pub fn parse_cron(expr: &str) -> Result<cron::Schedule, Error> {
     let fields = expr.split_whitespace().count();
+    let mut parts: Vec<String> = expr.split_whitespace().map(str::to_string).collect();
+    if let Some(weekday) = parts.last_mut()
+        && (fields == 5 || fields == 6)
+    {
+        *weekday = standard_weekdays(weekday).map_err(|reason| Error::Cron {
+            expr: expr.chars().take(100).collect(),
+            reason,
+        })?;
+    }
     let full = match fields {
-        5 => format!("0 {}", expr.trim()),
-        6 => expr.trim().to_string(),
+        5 => format!("0 {}", parts.join(" ")),
+        6 => parts.join(" "),
         n => {
             return Err(Error::Cron {
                 expr: expr.chars().take(100).collect(),
@@ -38,6 +48,46 @@ pub fn parse_cron(expr: &str) -> Result<cron::Schedule, Error> {
         expr: expr.chars().take(100).collect(),
         reason: e.to_string(),
     })
+}
+
+/// Translates a weekday field from standard cron numbering (0 or 7 = Sunday, 1 = Monday, ...,
+/// 6 = Saturday) to the `cron` crate's (1 = Sunday, ..., 7 = Saturday). Names (`MON`), `*` and
+/// `?` pass through; ranges ending on 7 (Sunday) are split.
+fn standard_weekdays(field: &str) -> Result<String, String> {
+    let day = |t: &str| -> Result<String, String> {
+        match t.parse::<u32>() {
+            Ok(n @ 0..=6) => Ok((n + 1).to_string()),
+            Ok(7) => Ok("1".into()),
+            Ok(n) => Err(format!(
+                "weekday {n} is out of range (0-7, 0 and 7 = Sunday)"
+            )),
+            Err(_) => Ok(t.to_string()),
+        }
+    };
+    let mut out = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (item, None),
+        };
+        let with_step = |r: String| match step {
+            Some(s) => format!("{r}/{s}"),
+            None => r,
+        };
+        match range.split_once('-') {
+            Some((a, "7")) if a.parse::<u32>().is_ok() => {
+                // a-7 reaches Sunday: a..Saturday plus Sunday.
+                let a = day(a)?;
+                out.push(with_step(format!("{a}-7")));
+                if step.is_none() {
+                    out.push("1".into());
+                }
+            }
+            Some((a, b)) => out.push(with_step(format!("{}-{}", day(a)?, day(b)?))),
+            None => out.push(with_step(day(range)?)),
+        }
+    }
+    Ok(out.join(","))
 }
 
 /// Parses an IANA time zone name.
