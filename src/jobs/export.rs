@@ -270,6 +270,7 @@ impl Export {
         write_atomically(
             &manifest_path,
             &serde_json::to_vec_pretty(&manifest).fatal()?,
+            &manifest.job_id,
         )
         .retryable()?;
         let mut result = serde_json::to_value(&manifest).fatal()?;
@@ -284,7 +285,7 @@ fn remove_stale_temps(dir: &Path, job: &str) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && name.contains(".tmp-") {
+            if name.starts_with(&prefix) && name.contains(".tmp") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -392,9 +393,13 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((bytes, hex::encode(hasher.finalize())))
 }
 
-fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+fn write_atomically(path: &Path, data: &[u8], job: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    // Named like the data file's temporaries, so a crash here is cleaned up the same way.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{job}."))
+        .suffix(".tmp-manifest")
+        .tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

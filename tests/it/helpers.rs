@@ -371,3 +371,27 @@ pub fn add_key(settings: &mut Settings, dir: &std::path::Path, kid: &str) -> Sig
     settings.keys.verifying.insert(kid.to_string(), public);
     Signer::from_file(kid, &private).expect("signer")
 }
+
+impl TestDb {
+    /// A set-up database `tw_test_*` on a server of the test's own (a throwaway cluster it
+    /// restarts or loads hard), with a per-test signing key like [`TestDb::new`].
+    /// `server_admin_url` is a superuser URL of that server (any database).
+    pub async fn on_server(server_admin_url: &str) -> TestDb {
+        let name = unique("tw_test_");
+        let url = config::with_database(server_admin_url, &name);
+        let mut settings = base_settings(&url);
+        let keys_dir = tempfile::tempdir().expect("tempdir");
+        let signer = add_key(&mut settings, keys_dir.path(), "test");
+        let urls = DbUrls::derive(&settings, &url, false);
+        db::setup(&settings, &urls)
+            .await
+            .expect("setup the test database");
+        TestDb {
+            name,
+            settings,
+            urls,
+            signer,
+            keys_dir,
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 mod data_layer;
 mod exports;
+mod faults;
 mod helpers;
 mod processing;
 mod worker;

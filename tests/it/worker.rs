@@ -573,15 +573,17 @@ async fn failing_jobs_back_off_then_die_with_their_error() {
             "failure {n}: delay {delay} ms outside [{}, {raw}]: {history:#?}",
             raw / 2
         );
+        // Measured from when the delay was written, not from the ack's done_at: the ack is
+        // batched and can land hundreds of milliseconds later on a loaded machine.
         let scheduled = ms(next_run - done_at);
         assert!(
-            scheduled >= raw / 2 - 50 && scheduled <= raw,
+            scheduled <= raw,
             "failure {n}: next run {scheduled} ms after the failure was recorded (raw {raw} ms): {history:#?}"
         );
-        let gap = ms(next_start - done_at);
+        let gap = ms(next_start - delayed_at);
         assert!(
-            gap >= raw / 2 - 50 && ms(next_start - delayed_at) >= raw / 2,
-            "failure {n}: attempt {} started {gap} ms after it: {history:#?}",
+            gap >= raw / 2,
+            "failure {n}: attempt {} started {gap} ms after its delay was set: {history:#?}",
             n + 1
         );
     }
