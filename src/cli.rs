@@ -84,6 +84,19 @@ pub enum Command {
     Dev(DevCommand),
     /// Run the demo on a private throwaway cluster.
     Demo,
+    /// Run the benchmark suite (ours versus a baseline per scenario) on a throwaway cluster,
+    /// or in a fresh database on the configured server; prints a table.
+    Bench {
+        /// Small sizes (about a minute; what CI runs).
+        #[arg(long)]
+        quick: bool,
+        /// Only this scenario (repeatable; default: all).
+        #[arg(long = "scenario", value_name = "NAME", value_enum)]
+        scenarios: Vec<crate::bench::Scenario>,
+        /// Also write every number, the machine and the server as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Flags that fill common arguments, so `enqueue export --source v_property --format csv`
@@ -424,6 +437,21 @@ pub async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Demo => crate::demo::run(&settings).await?,
+        Command::Bench {
+            quick,
+            scenarios,
+            json,
+        } => {
+            crate::bench::run(
+                &settings,
+                crate::bench::Options {
+                    quick,
+                    scenarios,
+                    json,
+                },
+            )
+            .await?
+        }
     }
     Ok(0)
 }

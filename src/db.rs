@@ -167,12 +167,25 @@ pub async fn pool(
     max_connections: u32,
     timeout: Duration,
 ) -> Result<PgPool> {
+    open_pool(
+        what,
+        url,
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeout),
+    )
+    .await
+}
+
+async fn open_pool(
+    what: &'static str,
+    url: &SecretString,
+    options_: PgPoolOptions,
+) -> Result<PgPool> {
     // One direct attempt first: a pool retries a refused connection until its acquire
     // timeout and then only says "timed out"; the driver's own error is the useful one.
     connect(what, url).await?.close().await?;
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(timeout)
+    options_
         .connect_with(options(what, url)?)
         .await
         .map_err(|source| Error::Connect {
@@ -209,13 +222,23 @@ pub async fn admin_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
 /// # Errors
 /// See [`pool`].
 pub async fn app_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
-    pool(
-        "app",
-        &urls.app,
-        settings.database.max_connections,
-        connect_timeout(settings),
-    )
-    .await
+    let options = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(connect_timeout(settings))
+        // Belt and braces: a scoped transaction whose future was dropped mid-BEGIN (a job
+        // timeout or shutdown cut-off) can come back still inside the transaction with the
+        // tenant set (sqlx 0.9, transact-rs/sqlx#4385). Such a connection is closed, which
+        // rolls it back, instead of being handed to the next user.
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                let tenant: Option<String> =
+                    sqlx::query_scalar("select current_setting('app.tenant_id', true)")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                Ok(tenant.is_none_or(|t| t.is_empty()))
+            })
+        });
+    open_pool("app", &urls.app, options).await
 }
 
 /// Opens the scheduler-role pool (schedules of all tenants, read-only).

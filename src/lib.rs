@@ -7,6 +7,7 @@
 //! folder and the README for the whole picture.
 
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -407,8 +407,9 @@ async fn execute(
     };
     // Completing the run record doubles as the tenant-context check: if the job switched
     // app.tenant_id, the predicate (and RLS) find no row and the work is rolled back.
+    // clock_timestamp(), not now(): now() is the transaction's start, i.e. `started_at`.
     let completed = sqlx::query(
-        "update job_runs set result = $3, finished_at = now()
+        "update job_runs set result = $3, finished_at = clock_timestamp()
          where tenant_id = $1 and job_id = $2
            and current_setting('app.tenant_id', true) = $1::text",
     )
