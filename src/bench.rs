@@ -97,8 +97,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Settings};
 use crate::db::{self, DbUrls};
+use crate::demo::CITIES;
 use crate::embedded::EphemeralCluster;
 use crate::envelope::{self, JobId, KeyId, Signer, TenantId};
+use crate::jobs::import::copy_escape;
 use crate::queue::{Enqueuer, NewJob};
 use crate::tenant::TenantTx;
 use crate::worker::{self, RunOptions, Summary, WorkerState};
@@ -242,14 +244,6 @@ struct Outcome {
     details: serde_json::Value,
 }
 
-const CITIES: &[&str] = &[
-    "Springfield",
-    "Riverton",
-    "Lakeside",
-    "Hillcrest",
-    "Fairview",
-    "Oakdale",
-];
 const STREETS: &[&str] = &["Elm", "Maple", "Cedar", "Birch", "Oak", "Pine"];
 /// created_at of generated rows spreads over this many days before now.
 const SPAN_DAYS: f64 = 730.0;
@@ -2187,19 +2181,6 @@ fn write_import_files(jsonl: &Path, copy_text: &Path, tenant: TenantId, n: i64) 
     j.flush()?;
     c.flush()?;
     Ok(())
-}
-
-/// COPY text format escaping: backslash, tab, newline and carriage return.
-fn copy_escape(out: &mut Vec<u8>, s: &str) {
-    for b in s.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

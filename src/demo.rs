@@ -22,7 +22,8 @@ use crate::tenant::{self, TenantTx};
 use crate::worker::{self, RunOptions, WorkerState};
 use std::sync::Arc;
 
-const CITIES: &[&str] = &[
+/// Cities of the sample properties (also used by the benchmark).
+pub(crate) const CITIES: &[&str] = &[
     "Springfield",
     "Riverton",
     "Lakeside",

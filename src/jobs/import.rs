@@ -535,7 +535,7 @@ fn contains_nul(v: &serde_json::Value) -> bool {
 }
 
 /// COPY text format escaping: backslash, tab, newline and carriage return.
-fn copy_escape(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn copy_escape(out: &mut Vec<u8>, s: &str) {
     for b in s.bytes() {
         match b {
             b'\\' => out.extend_from_slice(b"\\\\"),
