@@ -395,3 +395,45 @@ impl TestDb {
         }
     }
 }
+
+/// Signs a job with the test key and inserts it straight into the queue, the way
+/// `Enqueuer::enqueue_batch_in` does but without its validation (a caller that bypasses it).
+pub async fn insert_signed(
+    db: &TestDb,
+    admin: &PgPool,
+    tenant: TenantId,
+    kind: &str,
+    args: serde_json::Value,
+) -> JobId {
+    let now = chrono::Utc::now().timestamp();
+    let job = tenant_worker::envelope::Unsigned {
+        job_id: JobId::new(),
+        tenant_id: tenant,
+        kind: kind.to_string(),
+        args,
+        issued_at: now,
+        expires_at: now + 3600,
+    };
+    let payload = serde_json::to_vec(&db.signer.sign(&job)).unwrap();
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
+         values ($1, $2, $3, 'Pending', 0, $4, now(), 0, hstore(array['tenant_id', 'kind'], array[$5, $6]))",
+    )
+    .bind(job.job_id.to_ulid().to_string())
+    .bind(&db.settings.worker.queue)
+    .bind(payload)
+    .bind(db.settings.worker.max_attempts as i32)
+    .bind(tenant.to_string())
+    .bind(kind)
+    .execute(admin)
+    .await
+    .unwrap();
+    job.job_id
+}
+
+/// A job as `jobs show` sees it.
+pub async fn job_info(queue_pool: &PgPool, job: JobId) -> tenant_worker::queue::JobInfo {
+    tenant_worker::queue::show(queue_pool, &job.to_string())
+        .await
+        .expect("job exists")
+}

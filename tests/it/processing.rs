@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tenant_worker::envelope::{JobId, TenantId, Unsigned};
+use tenant_worker::envelope::{JobId, TenantId};
 use tenant_worker::jobs::declared::{self, Catalog, Declared, DeclaredKind};
 use tenant_worker::jobs::import::{ImportResult, MAX_INLINE_RECORDS};
 use tenant_worker::jobs::rollup;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, stderr, stdout};
+use crate::helpers::{insert_signed, job_info};
 
 // ------------------------------------------------------------------------------------------
 // Harness
@@ -93,47 +94,6 @@ async fn enqueue(enqueuer: &Enqueuer, tenant: TenantId, kind: &str, args: Value)
         .await
         .expect("enqueue")
         .expect("a new job")
-}
-
-/// Signs a job with the test key and inserts it straight into the queue, bypassing the
-/// enqueuer's validation (a caller that crafts its own rows).
-async fn insert_signed(
-    db: &TestDb,
-    admin: &PgPool,
-    tenant: TenantId,
-    kind: &str,
-    args: Value,
-) -> JobId {
-    let now = Utc::now().timestamp();
-    let job = Unsigned {
-        job_id: JobId::new(),
-        tenant_id: tenant,
-        kind: kind.to_string(),
-        args,
-        issued_at: now,
-        expires_at: now + 3600,
-    };
-    let payload = serde_json::to_vec(&db.signer.sign(&job)).unwrap();
-    sqlx::query(
-        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
-         values ($1, $2, $3, 'Pending', 0, $4, now(), 0, hstore(array['tenant_id', 'kind'], array[$5, $6]))",
-    )
-    .bind(job.job_id.to_ulid().to_string())
-    .bind(&db.settings.worker.queue)
-    .bind(payload)
-    .bind(db.settings.worker.max_attempts as i32)
-    .bind(tenant.to_string())
-    .bind(kind)
-    .execute(admin)
-    .await
-    .unwrap();
-    job.job_id
-}
-
-async fn job_info(queue_pool: &PgPool, job: JobId) -> queue::JobInfo {
-    queue::show(queue_pool, &job.to_string())
-        .await
-        .expect("job exists")
 }
 
 /// The run record of a job, read as the superuser: (tenant, result).
