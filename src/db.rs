@@ -254,13 +254,21 @@ pub async fn scheduler_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool
 /// # Errors
 /// See [`pool`].
 pub async fn queue_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
-    pool(
-        "queue",
-        &urls.queue,
-        settings.database.max_connections,
-        connect_timeout(settings),
-    )
-    .await
+    let options = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(connect_timeout(settings))
+        // A connection that comes back still inside a transaction (a BEGIN cancelled
+        // mid-flight, sqlx#4385) is closed: on it `now()` is frozen at that transaction's
+        // start, so the queue's `run_at < now()` fetch would never see new jobs. Outside a
+        // transaction every statement is its own, and the two clocks agree.
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, bool>("select now() = statement_timestamp()")
+                    .fetch_one(&mut *conn)
+                    .await
+            })
+        });
+    open_pool("queue", &urls.queue, options).await
 }
 
 fn connect_timeout(settings: &Settings) -> Duration {

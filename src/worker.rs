@@ -447,8 +447,8 @@ pub async fn runnable_jobs(queue_pool: &PgPool, queue: &str) -> sqlx::Result<i64
         "select count(*) from apalis.jobs
          where job_type = $1
            and (status in ('Queued', 'Running')
-                or (status = 'Pending' and run_at <= now())
-                or (status = 'Failed' and attempts < max_attempts and run_at <= now()))",
+                or (status = 'Pending' and run_at <= clock_timestamp())
+                or (status = 'Failed' and attempts < max_attempts and run_at <= clock_timestamp()))",
     )
     .bind(queue)
     .fetch_one(queue_pool)
