@@ -20,12 +20,12 @@ use tenant_worker::jobs::export::{Format, Manifest};
 use tenant_worker::queue::{Enqueuer, NewJob};
 use tenant_worker::scheduler::{self, ScheduleError, Scheduler};
 use tenant_worker::tenant::TenantTx;
-use tenant_worker::worker::{self, RunOptions, Summary, WorkerState};
+use tenant_worker::worker::RunOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, stderr, stdout};
-use crate::helpers::{insert_signed, job_info};
+use crate::helpers::{insert_signed, job_info, run_worker};
 
 // ------------------------------------------------------------------------------------------
 // Harness
@@ -45,26 +45,6 @@ async fn export_db() -> (TestDb, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     db.settings.exports.dir = dir.path().to_path_buf();
     (db, dir)
-}
-
-/// Runs the real worker with `catalog` until the queue is idle.
-async fn run_worker(db: &TestDb, catalog: Catalog) -> Summary {
-    let state = WorkerState::new(db.app().await, db.queue().await, db.keyring(), &db.settings)
-        .with_catalog(catalog);
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        worker::run(
-            state,
-            RunOptions {
-                until_idle: true,
-                name: None,
-            },
-            CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("worker finished in time")
-    .expect("worker ran")
 }
 
 /// An enqueuer that validates named sources against `catalog`.

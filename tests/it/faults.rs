@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use ed25519_dalek::Signer as _;
 use ed25519_dalek::pkcs8::DecodePrivateKey as _;
 use serde_json::{Value, json};
-use sqlx::{Executor as _, PgPool};
+use sqlx::PgPool;
 use tenant_worker::embedded::EphemeralCluster;
 use tenant_worker::envelope::{self, JobId, TenantId};
 use tenant_worker::jobs::export::{Manifest, hash_file};
@@ -463,29 +463,6 @@ fn signed_envelope(db: &TestDb, job: JobId, tenant: TenantId, kind: &str, args: 
 /// `[[[...]]]` nested `depth` deep.
 fn nested(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
-}
-
-/// Creates the job-history table and trigger (every change of an apalis row, stamped by the
-/// database clock).
-async fn record_queue_history(admin: &PgPool) {
-    admin
-        .execute(
-            r#"create table public.job_history (
-                   seq bigserial primary key, id text, status text, attempts int,
-                   run_at timestamptz, lock_at timestamptz, done_at timestamptz,
-                   at timestamptz not null default clock_timestamp());
-               create function public.log_job() returns trigger language plpgsql security definer
-                   set search_path = pg_catalog, public as $$
-               begin
-                   insert into public.job_history (id, status, attempts, run_at, lock_at, done_at)
-                   values (new.id, new.status, new.attempts, new.run_at, new.lock_at, new.done_at);
-                   return new;
-               end $$;
-               create trigger log_job after insert or update on apalis.jobs
-                   for each row execute function public.log_job();"#,
-        )
-        .await
-        .unwrap();
 }
 
 /// One change of an apalis row, as recorded by the history trigger.
@@ -1106,7 +1083,7 @@ async fn a_poison_job_backs_off_and_dies_while_others_flow_and_undecodable_paylo
         ],
     );
     let admin = db.admin().await;
-    record_queue_history(&admin).await;
+    helpers::record_queue_history(&admin).await;
     let poisoned = db.tenant("Poisoned").await;
     let mut others = Vec::new();
     for i in 0..4 {

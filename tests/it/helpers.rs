@@ -437,3 +437,46 @@ pub async fn job_info(queue_pool: &PgPool, job: JobId) -> tenant_worker::queue::
         .await
         .expect("job exists")
 }
+
+/// Runs the real worker with `catalog` until the queue is idle.
+pub async fn run_worker(db: &TestDb, catalog: tenant_worker::jobs::declared::Catalog) -> Summary {
+    let state = WorkerState::new(db.app().await, db.queue().await, db.keyring(), &db.settings)
+        .with_catalog(catalog);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        worker::run(
+            state,
+            RunOptions {
+                until_idle: true,
+                name: None,
+            },
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("worker finished in time")
+    .expect("worker ran")
+}
+
+/// Creates the job-history table and trigger (every change of an apalis row, stamped by the
+/// database clock).
+pub async fn record_queue_history(admin: &PgPool) {
+    sqlx::Executor::execute(
+        admin,
+        r#"create table public.job_history (
+                   seq bigserial primary key, id text, status text, attempts int,
+                   run_at timestamptz, lock_at timestamptz, done_at timestamptz,
+                   at timestamptz not null default clock_timestamp());
+               create function public.log_job() returns trigger language plpgsql security definer
+                   set search_path = pg_catalog, public as $$
+               begin
+                   insert into public.job_history (id, status, attempts, run_at, lock_at, done_at)
+                   values (new.id, new.status, new.attempts, new.run_at, new.lock_at, new.done_at);
+                   return new;
+               end $$;
+               create trigger log_job after insert or update on apalis.jobs
+                   for each row execute function public.log_job();"#,
+    )
+    .await
+    .unwrap();
+}

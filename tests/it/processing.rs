@@ -18,12 +18,12 @@ use tenant_worker::jobs::import::{ImportResult, MAX_INLINE_RECORDS};
 use tenant_worker::jobs::rollup;
 use tenant_worker::queue::{self, Enqueuer, NewJob};
 use tenant_worker::tenant::TenantTx;
-use tenant_worker::worker::{self, RunOptions, Summary, WorkerState};
+use tenant_worker::worker::{self, RunOptions, WorkerState};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, stderr, stdout};
-use crate::helpers::{insert_signed, job_info};
+use crate::helpers::{insert_signed, job_info, run_worker};
 
 // ------------------------------------------------------------------------------------------
 // Harness
@@ -61,26 +61,6 @@ fn put(root: &Path, tenant: TenantId, name: &str, bytes: impl AsRef<[u8]>) {
 /// JSON Lines text of `records`.
 fn jsonl(records: &[Value]) -> String {
     records.iter().map(|r| format!("{r}\n")).collect()
-}
-
-/// Runs the real worker with `catalog` until the queue is idle.
-async fn run_worker(db: &TestDb, catalog: Catalog) -> Summary {
-    let state = WorkerState::new(db.app().await, db.queue().await, db.keyring(), &db.settings)
-        .with_catalog(catalog);
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        worker::run(
-            state,
-            RunOptions {
-                until_idle: true,
-                name: None,
-            },
-            CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("worker finished in time")
-    .expect("worker ran")
 }
 
 /// An enqueuer that validates declared names against `catalog`.

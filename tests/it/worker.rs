@@ -487,24 +487,7 @@ async fn failing_jobs_back_off_then_die_with_their_error() {
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
     let admin = db.admin().await;
     // Every change of the apalis row, timestamped by the database (polling could miss one).
-    admin
-        .execute(
-            r#"create table public.job_history (
-                   seq bigserial primary key, id text, status text, attempts int,
-                   run_at timestamptz, lock_at timestamptz, done_at timestamptz,
-                   at timestamptz not null default clock_timestamp());
-               create function public.log_job() returns trigger language plpgsql security definer
-                   set search_path = pg_catalog, public as $$
-               begin
-                   insert into public.job_history (id, status, attempts, run_at, lock_at, done_at)
-                   values (new.id, new.status, new.attempts, new.run_at, new.lock_at, new.done_at);
-                   return new;
-               end $$;
-               create trigger log_job after insert or update on apalis.jobs
-                   for each row execute function public.log_job();"#,
-        )
-        .await
-        .unwrap();
+    helpers::record_queue_history(&admin).await;
     let failing = db.enqueue(a, "noop", json!({"fail": "boom"})).await;
     let fine = db.enqueue(b, "noop", json!({})).await;
     let max = db.settings.worker.max_attempts as i32;
