@@ -222,22 +222,13 @@ pub async fn admin_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
 /// # Errors
 /// See [`pool`].
 pub async fn app_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
+    // No release check: the only code that sets a tenant on these connections is
+    // `TenantTx`, which closes its connection instead of returning it whenever it is dropped
+    // with its transaction open (an error, a cut-off, a panic, a cancelled BEGIN). A check on
+    // every release cost one round trip per job.
     let options = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
-        .acquire_timeout(connect_timeout(settings))
-        // Belt and braces: a scoped transaction whose future was dropped mid-BEGIN (a job
-        // timeout or shutdown cut-off) can come back still inside the transaction with the
-        // tenant set (sqlx 0.9, transact-rs/sqlx#4385). Such a connection is closed, which
-        // rolls it back, instead of being handed to the next user.
-        .after_release(|conn, _meta| {
-            Box::pin(async move {
-                let tenant: Option<String> =
-                    sqlx::query_scalar("select current_setting('app.tenant_id', true)")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                Ok(tenant.is_none_or(|t| t.is_empty()))
-            })
-        });
+        .acquire_timeout(connect_timeout(settings));
     open_pool("app", &urls.app, options).await
 }
 

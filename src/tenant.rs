@@ -1,6 +1,8 @@
 //! Tenants: the registry (`tenant add/list/suspend/activate`) and the tenant-scoped
 //! transaction, the only way the worker touches tenant data.
 
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Executor, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -110,9 +112,21 @@ pub async fn set_status(admin: &PgPool, owner: &str, id: TenantId, active: bool)
 /// with the transaction and cannot leak to the next user of the pooled connection. `commit`
 /// first checks the setting is unchanged, so a job that tried to switch tenants mid-way has
 /// its work rolled back.
+///
+/// The transaction is driven with plain `BEGIN`/`COMMIT` statements on a pooled connection
+/// rather than sqlx's `Transaction`, so that the statements around a job can share round trips
+/// (see [`TenantTx::begin_then`] and [`TenantTx::commit_after`]). **Dropping it while the
+/// transaction is open closes the connection** instead of returning it to the pool: the server
+/// rolls back and the tenant context dies with the session. That covers every way a job can
+/// end early (an error, a timeout or shutdown cut-off dropping its future mid-statement, a
+/// panic), including a `BEGIN` cancelled in flight, which sqlx's own `Transaction` can return
+/// to the pool still open (transact-rs/sqlx#4385). So no connection ever goes back to the pool
+/// with a tenant set, without a check on every release.
 pub struct TenantTx {
-    tx: Transaction<'static, Postgres>,
+    conn: PoolConnection<Postgres>,
     tenant: TenantId,
+    /// A transaction may be open on `conn` (set before `BEGIN` is sent).
+    open: bool,
 }
 
 impl std::fmt::Debug for TenantTx {
@@ -123,21 +137,59 @@ impl std::fmt::Debug for TenantTx {
     }
 }
 
+impl Drop for TenantTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// SQLSTATE raised by `public.complete_job_run` when the tenant context changed.
+const CONTEXT_CHANGED: &str = "TW001";
+
 impl TenantTx {
     /// Begins a scoped transaction for `tenant` in one round trip.
     ///
     /// # Errors
     /// Database errors (pool exhausted, connection lost).
     pub async fn begin(pool: &PgPool, tenant: TenantId) -> Result<Self> {
+        Ok(Self::begin_then(pool, tenant, None).await?.0)
+    }
+
+    /// Begins a scoped transaction and runs `then` right after `set_config`, in the same round
+    /// trip (one simple-query message). Returns the last row `then` produced. `then` must be a
+    /// statement built from values this crate formatted itself (it cannot take parameters).
+    ///
+    /// # Errors
+    /// Database errors; the connection is then closed (see the type's docs).
+    pub(crate) async fn begin_then(
+        pool: &PgPool,
+        tenant: TenantId,
+        then: Option<&str>,
+    ) -> Result<(Self, Option<PgRow>)> {
+        let conn = pool.acquire().await?;
+        // From here on, dropping `tx` before commit or rollback closes the connection.
+        let mut tx = Self {
+            conn,
+            tenant,
+            open: true,
+        };
         // The tenant id is a parsed UUID, formatted by us: safe to inline, and inlining lets
-        // BEGIN and set_config travel in one round trip.
-        let tx = pool
-            .begin_with(AssertSqlSafe(format!(
-                "begin; select set_config('app.tenant_id', '{}', true)",
-                tenant.0.hyphenated()
-            )))
+        // BEGIN, set_config and `then` travel in one round trip.
+        let mut sql = format!(
+            "begin; select set_config('app.tenant_id', '{}', true)",
+            tenant.0.hyphenated()
+        );
+        if let Some(then) = then {
+            sql.push_str(";\n");
+            sql.push_str(then);
+        }
+        let rows = sqlx::raw_sql(AssertSqlSafe(sql))
+            .fetch_all(&mut *tx.conn)
             .await?;
-        Ok(Self { tx, tenant })
+        let last = then.and_then(|_| rows.into_iter().next_back());
+        Ok((tx, last))
     }
 
     /// The tenant this transaction is scoped to.
@@ -147,7 +199,7 @@ impl TenantTx {
 
     /// The connection, for running queries: `query.fetch_all(tx.conn())`.
     pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        &mut self.conn
     }
 
     /// Checks the tenant context is still this transaction's tenant.
@@ -157,7 +209,7 @@ impl TenantTx {
     pub async fn check_context(&mut self) -> Result<()> {
         let current: Option<String> =
             sqlx::query_scalar("select current_setting('app.tenant_id', true)")
-                .fetch_one(&mut *self.tx)
+                .fetch_one(&mut *self.conn)
                 .await?;
         if current.as_deref() != Some(self.tenant.0.hyphenated().to_string().as_str()) {
             return Err(Error::ContextTampered);
@@ -171,26 +223,80 @@ impl TenantTx {
     /// [`Error::ContextTampered`] (the transaction is rolled back) or database errors.
     pub async fn commit(mut self) -> Result<()> {
         if let Err(e) = self.check_context().await {
-            let _ = self.tx.rollback().await;
+            let _ = self.rollback().await;
             return Err(e);
         }
-        self.tx.commit().await?;
-        Ok(())
+        self.end("commit").await
     }
 
-    /// Commits without the context check, for callers whose last statement already made it
-    /// (the worker folds the check into completing the run record).
-    pub(crate) async fn commit_checked_by_caller(self) -> Result<()> {
-        self.tx.commit().await?;
-        Ok(())
+    /// Runs `last` and commits, in one round trip. When `last` fails nothing is committed
+    /// (the server skips the rest of the message) and the transaction is rolled back. The
+    /// worker's `last` completes the run record through `public.complete_job_run`, which is
+    /// also the tenant-context check: its refusal comes back as [`Error::ContextTampered`].
+    ///
+    /// # Errors
+    /// [`Error::ContextTampered`] or database errors.
+    pub(crate) async fn commit_after(mut self, last: &str) -> Result<()> {
+        let sql = format!("{last};\ncommit");
+        match sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *self.conn)
+            .await
+        {
+            Ok(_) => {
+                self.open = false;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.rollback().await;
+                let changed = e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == CONTEXT_CHANGED);
+                Err(if changed {
+                    Error::ContextTampered
+                } else {
+                    e.into()
+                })
+            }
+        }
     }
 
     /// Rolls back.
     ///
     /// # Errors
-    /// Database errors.
+    /// Database errors (the connection is then closed).
     pub async fn rollback(self) -> Result<()> {
-        self.tx.rollback().await?;
+        self.end("rollback").await
+    }
+
+    async fn end(mut self, statement: &'static str) -> Result<()> {
+        sqlx::raw_sql(statement).execute(&mut *self.conn).await?;
+        self.open = false;
         Ok(())
+    }
+}
+
+/// `text` as a dollar-quoted SQL literal whose tag does not occur in it, so it is safe to
+/// inline whatever it contains (dollar quotes have no escapes).
+pub(crate) fn dollar_quote(text: &str) -> String {
+    let mut tag = String::from("$tw$");
+    let mut n = 0u32;
+    while text.contains(&tag[..tag.len() - 1]) {
+        n += 1;
+        tag = format!("$tw{n}$");
+    }
+    format!("{tag}{text}{tag}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dollar_quote;
+
+    #[test]
+    fn dollar_quote_picks_a_tag_absent_from_the_text() {
+        assert_eq!(dollar_quote(r#"{"a":1}"#), r#"$tw${"a":1}$tw$"#);
+        assert_eq!(dollar_quote("x$tw$y"), "$tw1$x$tw$y$tw1$");
+        assert_eq!(dollar_quote("$tw1$ $tw"), "$tw2$$tw1$ $tw$tw2$");
+        assert_eq!(dollar_quote("ends with $tw"), "$tw1$ends with $tw$tw1$");
     }
 }

@@ -356,30 +356,34 @@ async fn delay_job(queue_pool: &PgPool, row_id: &str, delay: Duration) -> sqlx::
 
 /// The scoped part: one transaction, tenant set first, tenant checked, run record claimed,
 /// job body, run record completed (with a tenant-context check), commit.
+///
+/// Two round trips besides the body's own: `BEGIN`, `set_config` and the claim travel in one
+/// message, the completion and `COMMIT` in another. Every value inlined into them is one this
+/// crate formatted (UUIDs, a kind name from a fixed set, an integer) or dollar-quoted JSON.
 async fn execute(
     pool: &PgPool,
     tenant: TenantId,
     spec: &JobSpec,
     ctx: &JobContext,
 ) -> Result<Outcome, ExecError> {
-    let mut tx = TenantTx::begin(pool, tenant).await?;
+    let (t, j) = (tenant.0.hyphenated(), ctx.job_id.0.hyphenated());
     // Under RLS the app role sees only this tenant's row of `tenants`, so "no row" means
     // unknown tenant. The run record is claimed in the same statement: a second delivery of
     // the same job waits here for the first to commit, then finds the record and does nothing.
-    let (status, claimed): (Option<String>, bool) = sqlx::query_as(
-        r#"with t as (select status from tenants where id = $1),
-                ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
-                        select $1, $2, $3, $4 from t where t.status = 'active'
-                        on conflict do nothing
-                        returning 1)
-           select (select status from t), exists(select 1 from ins)"#,
-    )
-    .bind(tenant)
-    .bind(ctx.job_id)
-    .bind(spec.kind())
-    .bind(ctx.attempt as i32)
-    .fetch_one(tx.conn())
-    .await?;
+    let claim = format!(
+        "with t as (select status from tenants where id = '{t}'),
+              ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
+                      select '{t}', '{j}', '{kind}', {attempt} from t where t.status = 'active'
+                      on conflict do nothing
+                      returning 1)
+         select (select status from t) as status, exists(select 1 from ins) as claimed",
+        kind = spec.kind(),
+        attempt = ctx.attempt,
+    );
+    let (mut tx, row) = TenantTx::begin_then(pool, tenant, Some(&claim)).await?;
+    let row = row.ok_or_else(|| sqlx::Error::RowNotFound)?;
+    let status: Option<String> = sqlx::Row::try_get(&row, "status")?;
+    let claimed: bool = sqlx::Row::try_get(&row, "claimed")?;
     match status.as_deref() {
         None => {
             let _ = tx.rollback().await;
@@ -406,27 +410,19 @@ async fn execute(
         }
     };
     // Completing the run record doubles as the tenant-context check: if the job switched
-    // app.tenant_id, the predicate (and RLS) find no row and the work is rolled back.
-    // clock_timestamp(), not now(): now() is the transaction's start, i.e. `started_at`.
-    let completed = sqlx::query(
-        "update job_runs set result = $3, finished_at = clock_timestamp()
-         where tenant_id = $1 and job_id = $2
-           and current_setting('app.tenant_id', true) = $1::text",
-    )
-    .bind(tenant)
-    .bind(ctx.job_id)
-    .bind(&out)
-    .execute(tx.conn())
-    .await?
-    .rows_affected();
-    if completed != 1 {
-        let _ = tx.rollback().await;
-        return Err(ExecError::Job(JobError::Fatal(
+    // app.tenant_id, `complete_job_run` raises, the COMMIT sent with it is skipped and the work
+    // is rolled back.
+    let complete = format!(
+        "select public.complete_job_run('{t}', '{j}', {}::jsonb)",
+        crate::tenant::dollar_quote(&out.to_string())
+    );
+    match tx.commit_after(&complete).await {
+        Ok(()) => Ok(Outcome::Done(out)),
+        Err(crate::tenant::Error::ContextTampered) => Err(ExecError::Job(JobError::Fatal(
             crate::tenant::Error::ContextTampered.to_string(),
-        )));
+        ))),
+        Err(e) => Err(e.into()),
     }
-    tx.commit_checked_by_caller().await?;
-    Ok(Outcome::Done(out))
 }
 
 /// Options of [`run`].

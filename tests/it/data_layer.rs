@@ -338,6 +338,87 @@ async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next(
     tx.rollback().await.unwrap();
 }
 
+/// What the next user of a one-connection pool finds: the tenant setting, the records it
+/// sees, and whether the connection is still inside an earlier transaction (then `now()`, the
+/// transaction's start, lags behind the statement's own timestamp).
+async fn next_user_sees(one: &PgPool) -> (Option<String>, i64, bool) {
+    let mut conn = one.acquire().await.unwrap();
+    let setting: Option<String> =
+        sqlx::query_scalar("select current_setting('app.tenant_id', true)")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from records")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // One simple-query message (the extended protocol's Parse and Execute get different
+    // timestamps even outside a transaction).
+    let row = sqlx::raw_sql("select now() <> statement_timestamp() as in_old_tx")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let in_old_tx: bool = sqlx::Row::get(&row, "in_old_tx");
+    (setting.filter(|s| !s.is_empty()), n, in_old_tx)
+}
+
+/// A scoped transaction that ends any other way than commit or rollback (an error, a job cut
+/// off by its timeout or shutdown mid-statement, a cancelled BEGIN) must never hand its tenant
+/// to the next user of the pooled connection. `TenantTx` closes such a connection instead of
+/// returning it; the app pool has no release check of its own.
+#[tokio::test]
+async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_connection() {
+    let db = TestDb::new().await;
+    let a = db.tenant("A").await;
+    let app = db.app().await;
+    seed(&app, a, 1).await;
+    let one = tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let clean = (None, 0, false);
+
+    // Dropped after a query, without commit or rollback.
+    {
+        let mut tx = db.scoped(&one, a).await;
+        assert_eq!(count(&mut tx, "records").await.0, 5);
+    }
+    assert_eq!(next_user_sees(&one).await, clean, "dropped transaction");
+
+    // The job's statement is cut off mid-flight (a timeout drops its future).
+    let mut tx = db.scoped(&one, a).await;
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        sqlx::query("select pg_sleep(2)").execute(tx.conn()),
+    )
+    .await;
+    assert!(cut.is_err(), "the statement was cut off");
+    drop(tx);
+    assert_eq!(next_user_sees(&one).await, clean, "statement cut off");
+
+    // BEGIN itself cancelled at every point from before sending to after the reply.
+    let mut began = 0;
+    for micros in (0..3000).step_by(25) {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_micros(micros),
+            TenantTx::begin(&one, a),
+        )
+        .await;
+        if let Ok(tx) = r {
+            began += 1;
+            drop(tx.unwrap());
+        }
+        assert_eq!(
+            next_user_sees(&one).await,
+            clean,
+            "BEGIN cancelled after {micros} µs"
+        );
+    }
+    assert!(
+        began > 0,
+        "some BEGINs completed, so the sweep crossed the reply"
+    );
+}
+
 #[tokio::test]
 async fn the_policy_fails_closed_when_unset_ended_or_garbage() {
     let db = TestDb::new().await;
