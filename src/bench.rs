@@ -815,22 +815,11 @@ impl Ctx {
         })
     }
 
-    /// Jobs of `queue` not yet acknowledged as done.
-    /// True while `queue` has a job that is not finished. Index probes only (the same partial
-    /// indexes as the worker's idle check), so that watching a drain does not take CPU from
-    /// the workers being measured; both sides are watched the same way.
+    /// True while `queue` has a job that is not finished, delayed ones included. The worker's
+    /// own index-probe check, so that watching a drain takes no CPU from the workers being
+    /// measured; both sides are watched the same way.
     async fn not_done(&self, queue: &str) -> Result<bool> {
-        Ok(sqlx::query_scalar(
-            "select exists(select 1 from apalis.jobs
-                           where (status = 'Queued' or status = 'Running') and job_type = $1)
-                 or exists(select 1 from apalis.jobs
-                           where job_type = $1
-                             and (status = 'Pending'
-                                  or (status = 'Failed' and attempts < max_attempts)))",
-        )
-        .bind(queue)
-        .fetch_one(&self.admin)
-        .await?)
+        Ok(worker::has_unfinished_jobs(&self.admin, queue, true).await?)
     }
 
     async fn last_done(&self, queue: &str) -> Result<DateTime<Utc>> {

@@ -416,13 +416,9 @@ async fn execute(
         "select public.complete_job_run('{t}', '{j}', {}::jsonb)",
         crate::tenant::dollar_quote(&out.to_string())
     );
-    match tx.commit_after(&complete).await {
-        Ok(()) => Ok(Outcome::Done(out)),
-        Err(crate::tenant::Error::ContextTampered) => Err(ExecError::Job(JobError::Fatal(
-            crate::tenant::Error::ContextTampered.to_string(),
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    // A refusal comes back as `ContextTampered`, which is a permanent failure.
+    tx.commit_after(&complete).await?;
+    Ok(Outcome::Done(out))
 }
 
 /// Options of [`run`].
@@ -434,7 +430,10 @@ pub struct RunOptions {
     pub name: Option<String>,
 }
 
-/// True while the queue has a job a worker could pick up now or is working on.
+/// True while `queue` has a job that is not finished: one a worker is working on, one it could
+/// pick up now, and with `include_delayed` also one waiting for a later `run_at` (scheduled,
+/// or retrying after its backoff). Jobs that are done, dead, rejected or cancelled do not
+/// count.
 ///
 /// Two `exists` probes, each the exact predicate of a partial index that `setup` keeps (the
 /// in-flight `lock_by` index and apalis's fetch index), so the check costs a few index pages
@@ -443,17 +442,22 @@ pub struct RunOptions {
 ///
 /// # Errors
 /// Database errors.
-pub async fn has_runnable_jobs(queue_pool: &PgPool, queue: &str) -> sqlx::Result<bool> {
+pub async fn has_unfinished_jobs(
+    pool: &PgPool,
+    queue: &str,
+    include_delayed: bool,
+) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "select exists(select 1 from apalis.jobs
                        where (status = 'Queued' or status = 'Running') and job_type = $1)
              or exists(select 1 from apalis.jobs
                        where job_type = $1
                          and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
-                         and run_at <= clock_timestamp())",
+                         and ($2 or run_at <= clock_timestamp()))",
     )
     .bind(queue)
-    .fetch_one(queue_pool)
+    .bind(include_delayed)
+    .fetch_one(pool)
     .await
 }
 
@@ -591,7 +595,7 @@ async fn idle_watch(queue_pool: PgPool, queue: String, stop: CancellationToken) 
     let mut idle_checks = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        match has_runnable_jobs(&queue_pool, &queue).await {
+        match has_unfinished_jobs(&queue_pool, &queue, false).await {
             Ok(false) => idle_checks += 1,
             Ok(true) => idle_checks = 0,
             Err(e) => {
