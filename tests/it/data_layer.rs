@@ -579,6 +579,37 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
     );
 }
 
+/// Every foreign key's referencing columns lead an index. PostgreSQL checks the referencing
+/// side on every delete (and key change) of a referenced row; without such an index that check
+/// is a sequential scan of the whole table, every tenant's rows included (the invoice ->
+/// customer key once made deleting one record cost 351 ms at 2,000,000 rows).
+#[tokio::test]
+async fn every_foreign_key_is_backed_by_an_index_on_its_referencing_columns() {
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    let keys: Vec<(String, String, bool)> = sqlx::query_as(
+        r#"select c.conrelid::regclass::text, c.conname::text,
+                  exists (select 1 from pg_index i
+                          where i.indrelid = c.conrelid
+                            and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] @> c.conkey
+                            and (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey)
+           from pg_constraint c join pg_namespace n on n.oid = c.connamespace
+           where c.contype = 'f' and n.nspname = 'public'"#,
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(
+        keys.iter().any(|k| k.1 == "invoice_customer_must_exist"),
+        "{keys:?}"
+    );
+    let unindexed: Vec<_> = keys.iter().filter(|k| !k.2).collect();
+    assert!(
+        unindexed.is_empty(),
+        "foreign keys without an index: {unindexed:?}"
+    );
+}
+
 #[tokio::test]
 async fn setup_is_idempotent_and_the_app_role_is_least_privileged() {
     let db = TestDb::empty().await;
