@@ -38,7 +38,7 @@ impl Job for Rollup {
 }
 
 /// The aggregation of a built-in rollup over the rows selected by `filter` (a condition on
-/// `r`, the records alias, using `$1` as the bucket array).
+/// `r`, the records alias).
 fn builtin_select(name: &str, filter: &str) -> Option<String> {
     Some(match name {
         "records_per_kind_per_day" => format!(
@@ -155,16 +155,20 @@ async fn run_builtin(
             .execute(tx.conn())
             .await?
             .rows_affected();
-        let filter = format!("where {} = any($1)", bucket_column(name));
+        // Inlined rather than bound, so the aggregation can go through `insert_aggregate`
+        // (a CREATE TABLE AS takes no parameters); dates formatted by chrono are safe to inline.
+        let buckets = touched
+            .iter()
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let filter = format!(
+            "where {} = any('{{{buckets}}}'::date[])",
+            bucket_column(name)
+        );
         let select = builtin_select(name, &filter)
             .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "insert into rollups (tenant_id, name, bucket, dims, count, sum) {select}"
-        )))
-        .bind(&touched)
-        .execute(tx.conn())
-        .await?
-        .rows_affected();
+        let inserted = insert_aggregate(tx, &select).await?;
         ("incremental", deleted, inserted)
     };
     record_run(tx, name, mode).await?;
@@ -198,8 +202,8 @@ async fn run_declared(
     Ok(serde_json::json!({ "mode": "full", "rows_deleted": deleted, "rows_written": inserted }))
 }
 
-/// Writes the rows of an aggregation over the whole tenant into `rollups`; `select` yields
-/// (tenant_id, name, bucket, dims, count, sum) and takes no parameters.
+/// Writes the rows of an aggregation into `rollups`; `select` yields (tenant_id, name, bucket,
+/// dims, count, sum) and takes no parameters.
 ///
 /// The aggregation runs as `CREATE TEMP TABLE .. AS`, which PostgreSQL may run with parallel
 /// workers, and only its result rows (a few per bucket) are inserted. PostgreSQL 15 never
