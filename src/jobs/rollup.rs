@@ -138,16 +138,13 @@ async fn run_builtin(
     .bind(name)
     .fetch_all(tx.conn())
     .await?;
-    let (mode, deleted, inserted) = if full {
+    let (mode, deleted, filter) = if full {
         let deleted = sqlx::query("delete from rollups where name = $1")
             .bind(name)
             .execute(tx.conn())
             .await?
             .rows_affected();
-        let select = builtin_select(name, "")
-            .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
-        let inserted = insert_aggregate(tx, &select).await?;
-        ("full", deleted, inserted)
+        ("full", deleted, String::new())
     } else {
         let deleted = sqlx::query("delete from rollups where name = $1 and bucket = any($2)")
             .bind(name)
@@ -166,11 +163,11 @@ async fn run_builtin(
             "where {} = any('{{{buckets}}}'::date[])",
             bucket_column(name)
         );
-        let select = builtin_select(name, &filter)
-            .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
-        let inserted = insert_aggregate(tx, &select).await?;
-        ("incremental", deleted, inserted)
+        ("incremental", deleted, filter)
     };
+    let select = builtin_select(name, &filter)
+        .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+    let inserted = insert_aggregate(tx, &select).await?;
     record_run(tx, name, mode).await?;
     Ok(serde_json::json!({
         "mode": mode,
