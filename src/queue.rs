@@ -343,8 +343,11 @@ fn to_info(r: JobRow) -> JobInfo {
     let state = match status.as_str() {
         "Pending" if attempts > 0 && run_at.is_some_and(|t| t > now) => "retrying",
         "Pending" if run_at.is_some_and(|t| t > now) => "scheduled",
-        "Pending" | "Queued" => "pending",
-        "Running" => "running",
+        "Pending" => "pending",
+        // apalis marks a fetched job `Queued` (claimed by `lock_by`) and `Running` only once
+        // the worker's batched lock message lands, up to a poll interval later; the handler
+        // may already be writing by then. Claimed is running, as in River.
+        "Queued" | "Running" => "running",
         "Done" => "done",
         "Failed" if attempts < max_attempts => "retrying",
         "Failed" => "dead",
@@ -488,4 +491,32 @@ pub async fn cancel(pool: &PgPool, id: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(status: &str, lock_by: Option<&str>) -> JobRow {
+        (
+            JobId::new().to_ulid().to_string(),
+            status.to_string(),
+            0,
+            25,
+            Some(Utc::now() - chrono::Duration::seconds(1)),
+            lock_by.map(|_| Utc::now()),
+            None,
+            None,
+            None,
+            None,
+            lock_by.map(str::to_string),
+        )
+    }
+
+    #[test]
+    fn a_claimed_job_is_running_before_its_lock_message_lands() {
+        assert_eq!(to_info(row("Pending", None)).state, "pending");
+        assert_eq!(to_info(row("Queued", Some("worker-1"))).state, "running");
+        assert_eq!(to_info(row("Running", Some("worker-1"))).state, "running");
+    }
 }
