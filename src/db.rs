@@ -246,9 +246,10 @@ pub async fn scheduler_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool
 /// See [`pool`].
 pub async fn queue_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
     // No release check here (unlike the app pool): one extra round trip per release cost the
-    // queue's hot path about 5x in enqueue-to-start latency. A connection left inside a
-    // transaction by a cancelled BEGIN (sqlx#4385) only makes some fetches miss new jobs
-    // until it is recycled; the idle check uses clock_timestamp() so it is not fooled.
+    // queue's hot path about 5x in enqueue-to-start latency. The only BEGINs on the queue
+    // role are apalis's, and each worker generation runs apalis on its own copy of this pool,
+    // closed when the generation stops, so a BEGIN cancelled then (sqlx#4385) cannot leave a
+    // connection inside a transaction here (see `worker::generation_pool`).
     pool(
         "queue",
         &urls.queue,

@@ -533,7 +533,8 @@ pub async fn run(
             }
         };
         tracing::info!(worker = %name, "worker started");
-        let run = run_generation(state.clone(), name.clone(), signal);
+        let pool = generation_pool(&state.queue_pool);
+        let run = run_generation(state.clone(), pool.clone(), name.clone(), signal);
         let grace = {
             let stop = stop.clone();
             let t = Duration::from_secs(settings.shutdown_timeout_secs);
@@ -545,6 +546,7 @@ pub async fn run(
         let result = tokio::select! {
             r = run => r,
             () = grace => {
+                close_generation_pool(pool).await;
                 tracing::warn!(worker = %name, "shutdown timeout reached; cutting off the jobs still running (they roll back and run again later)");
                 state.abort.cancel();
                 // Let the cut-off transactions roll back, then hand their jobs back at once
@@ -557,6 +559,7 @@ pub async fn run(
                 return Ok(state.summary());
             }
         };
+        close_generation_pool(pool).await;
         match result {
             Ok(()) => {
                 tracing::info!(worker = %name, "worker stopped");
@@ -588,6 +591,34 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// A connection pool for one apalis worker generation, with the queue pool's settings.
+///
+/// apalis's futures are dropped when a generation stops, and a BEGIN dropped mid-flight hands
+/// its connection back still inside a transaction (sqlx#4385, seen here as `tw_queue` sessions
+/// "idle in transaction" for seconds after a worker stopped). On a shared pool such a
+/// connection poisons what uses it next: a fetch sees a frozen `now()` and misses new jobs, a
+/// LISTEN taken inside the transaction never hears a NOTIFY, and an enqueue would sit
+/// uncommitted. A release check would catch it at one round trip per release, which cost the
+/// queue's hot path about 5x in enqueue-to-start latency; a pool that dies with its generation
+/// costs nothing per job. Public so that the benchmark's plain-apalis baseline gets the same.
+pub fn generation_pool(queue_pool: &PgPool) -> PgPool {
+    queue_pool
+        .options()
+        .clone()
+        .connect_lazy_with((*queue_pool.connect_options()).clone())
+}
+
+/// Closes a generation's pool, rolling back whatever its connections left open. Bounded: a
+/// connection still held by a cut-off job is closed when it comes back.
+pub async fn close_generation_pool(pool: PgPool) {
+    if tokio::time::timeout(Duration::from_secs(5), pool.close())
+        .await
+        .is_err()
+    {
+        tracing::debug!("a worker generation's connection was still in use at close");
     }
 }
 
@@ -673,6 +704,7 @@ impl<S: futures::Stream + Unpin> PollStrategy for DrainingStream<S> {
 /// Builds one apalis worker generation and runs it until `signal` resolves.
 fn run_generation<F>(
     state: WorkerState,
+    pool: PgPool,
     name: String,
     signal: F,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), WorkerError>> + Send>>
@@ -686,7 +718,6 @@ where
             .batch_size(s.batch_size)
             .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
             .missed_heartbeats(s.missed_heartbeats);
-        let pool = state.queue_pool.clone();
         let strategy = wake_strategy(&pool, &s.queue, Duration::from_millis(s.poll_interval_ms));
         let backend = PostgresStorage::<RawPayload>::new(&pool)
             .with_config(config)

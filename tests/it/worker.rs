@@ -1217,3 +1217,92 @@ async fn key_rotation() {
         "jobs run before the rotation stay done"
     );
 }
+
+/// Stopping a worker generation drops apalis's futures, and apalis-postgres wraps even its
+/// fetches in a transaction: a BEGIN dropped mid-flight hands its connection back still inside
+/// a transaction (sqlx#4385). On the shared queue pool such a connection made later fetches see
+/// a frozen `now()` and miss new jobs (a `bench --quick` run once stopped without fetching its
+/// job). Workers stopped while jobs keep arriving must leave no queue connection idle in a
+/// transaction, and every job must still run once on the same pool.
+#[tokio::test]
+async fn stopped_worker_generations_leave_no_queue_connection_inside_a_transaction() {
+    let db = TestDb::new().await;
+    let a = db.tenant("Northwind").await;
+    let (app, queue_pool, admin) = (db.app().await, db.queue().await, db.admin().await);
+    let stuck = || async {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity
+                 where datname = $1 and usename = $2 and state like 'idle in transaction%'",
+            )
+            .bind(&db.name)
+            .bind(&db.settings.roles.queue)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            if n == 0 || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let run = |until_idle: bool, shutdown: CancellationToken| {
+        let state = WorkerState::new(app.clone(), queue_pool.clone(), db.keyring(), &db.settings);
+        tokio::spawn(worker::run(
+            state,
+            RunOptions {
+                until_idle,
+                name: None,
+            },
+            shutdown,
+        ))
+    };
+    // Jobs keep arriving (each NOTIFY wakes a fetch) while workers start and stop.
+    let arriving = CancellationToken::new();
+    let producer = {
+        let enqueuer = Enqueuer::new(queue_pool.clone(), db.signer.clone(), &db.settings);
+        let arriving = arriving.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !arriving.is_cancelled() {
+                enqueuer
+                    .enqueue(a, NewJob::new("noop", json!({})))
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            n
+        })
+    };
+    for round in 1..=150u64 {
+        let shutdown = CancellationToken::new();
+        let worker = run(false, shutdown.clone());
+        tokio::time::sleep(Duration::from_millis(20 + round % 7)).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), worker)
+            .await
+            .expect("worker stopped in time")
+            .unwrap()
+            .expect("worker ran");
+        assert_eq!(
+            stuck().await,
+            0,
+            "round {round}: a queue connection was left inside a transaction"
+        );
+    }
+    arriving.cancel();
+    let enqueued = producer.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run(true, CancellationToken::new()))
+        .await
+        .expect("worker finished in time")
+        .unwrap()
+        .expect("worker ran");
+    let (runs, distinct): (i64, i64) =
+        sqlx::query_as("select count(*), count(distinct job_id) from public.job_runs")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!((runs, distinct), (enqueued as i64, enqueued as i64));
+}
