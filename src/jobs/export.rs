@@ -311,6 +311,7 @@ fn remove_stale_temps(dir: &Path, job: &str) {
 
 /// Counts data rows in PostgreSQL's CSV output: newlines outside quotes. A quote inside a
 /// quoted field is doubled, which toggles the state twice and so changes nothing.
+#[derive(Default)]
 struct CsvRows {
     in_quotes: bool,
     rows: u64,
@@ -369,11 +370,7 @@ fn write_file(
             bytes: 0,
         },
     );
-    let mut counter = CsvRows {
-        in_quotes: false,
-        rows: 0,
-        lines: 0,
-    };
+    let mut counter = CsvRows::default();
     let mut pump = |out: &mut dyn std::io::Write| -> std::io::Result<()> {
         for chunk in &chunks {
             counter.feed(&chunk);
@@ -438,11 +435,7 @@ mod tests {
     use super::CsvRows;
 
     fn count(chunks: &[&[u8]]) -> (u64, u64) {
-        let mut c = CsvRows {
-            in_quotes: false,
-            rows: 0,
-            lines: 0,
-        };
+        let mut c = CsvRows::default();
         for chunk in chunks {
             c.feed(chunk);
         }
