@@ -1305,7 +1305,7 @@ impl Ctx {
         // Warm the cache for both sides alike.
         let mut tx = TenantTx::begin(&self.app, tenant).await?;
         let visible: i64 = sqlx::query_scalar("select count(*) from public.v_property")
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await?)
             .await?;
         tx.rollback().await?;
         ensure!(visible == n, "the tenant sees {visible} of {n} rows");
@@ -1602,13 +1602,13 @@ impl Ctx {
         // Baseline: the same aggregations as one statement, app role, tenant context.
         let mut tx = TenantTx::begin(&self.app, tenant).await?;
         let _: i64 = sqlx::query_scalar("select count(*) from public.records")
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await?)
             .await?; // warm-up, for both sides
         let start = Instant::now();
         let base_rows = sqlx::query(AssertSqlSafe(format!(
             "create temp table bench_rollup_baseline on commit drop as {FRESH_ROLLUPS}"
         )))
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?
         .rows_affected();
         let base_secs = start.elapsed().as_secs_f64();
@@ -1740,7 +1740,7 @@ impl Ctx {
                                    union all
                                    (select * from stored except all select * from fresh)) d"
         )))
-        .fetch_one(tx.conn())
+        .fetch_one(tx.conn().await?)
         .await?;
         tx.rollback().await?;
         Ok(diff == 0)
@@ -1833,7 +1833,7 @@ impl Ctx {
         let plan: Vec<String> = sqlx::query_scalar(
             "explain (analyze, buffers, format text) select * from public.v_property",
         )
-        .fetch_all(tx.conn())
+        .fetch_all(tx.conn().await?)
         .await?;
         tx.rollback().await?;
         let query_ms = plan

@@ -260,7 +260,7 @@ async fn seed(
     .bind(t)
     .bind(&cities)
     .bind(properties)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?;
     sqlx::query(
         r#"insert into records (tenant_id, kind, data)
@@ -271,7 +271,7 @@ async fn seed(
     )
     .bind(t)
     .bind(customers)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?;
     sqlx::query(
         r#"with c as (select id, row_number() over (order by id) as n from records where kind = 'customer'),
@@ -290,10 +290,10 @@ async fn seed(
     )
     .bind(t)
     .bind(invoices)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?;
     let n: i64 = sqlx::query_scalar("select count(*) from records")
-        .fetch_one(tx.conn())
+        .fetch_one(tx.conn().await?)
         .await?;
     tx.commit().await?;
     Ok(n)
@@ -304,7 +304,7 @@ async fn visible_as(app: &PgPool, t: Option<TenantId>) -> Result<i64> {
         Some(t) => {
             let mut tx = TenantTx::begin(app, t).await?;
             let n = sqlx::query_scalar("select count(*) from records")
-                .fetch_one(tx.conn())
+                .fetch_one(tx.conn().await?)
                 .await?;
             tx.rollback().await?;
             n

@@ -203,7 +203,7 @@ pub async fn add(
     .bind(tz)
     .bind(kind)
     .bind(args)
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await?)
     .await?;
     tx.commit().await?;
     Ok(id)
@@ -224,7 +224,7 @@ pub async fn list_for_tenant(
     let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "{SELECT_SCHEDULES} order by created_at"
     )))
-    .fetch_all(tx.conn())
+    .fetch_all(tx.conn().await?)
     .await?;
     tx.commit().await?;
     Ok(rows)
@@ -257,7 +257,7 @@ pub async fn remove(scheduler: &PgPool, app: &PgPool, id: Uuid) -> Result<Tenant
     let mut tx = TenantTx::begin(app, tenant).await?;
     sqlx::query("delete from schedules where id = $1")
         .bind(id)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?;
     tx.commit().await?;
     Ok(tenant)

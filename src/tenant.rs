@@ -127,6 +127,20 @@ pub struct TenantTx {
     tenant: TenantId,
     /// A transaction may be open on `conn` (set before `BEGIN` is sent).
     open: bool,
+    /// A savepoint to take before the next statement (see [`TenantTx::conn`]).
+    savepoint: Savepoint,
+}
+
+/// The worker's per-job savepoint inside a shared round (see `rounds`): taken lazily, with the
+/// tenant context set again, so a job that sends no statement costs no round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Savepoint {
+    /// None wanted (a transaction of its own).
+    None,
+    /// Wanted: `savepoint j<n>` goes out before the job's first statement.
+    Pending(u32),
+    /// Taken: the job's statements since it can be rolled back with `rollback to j<n>`.
+    Taken(u32),
 }
 
 impl std::fmt::Debug for TenantTx {
@@ -174,6 +188,7 @@ impl TenantTx {
             conn,
             tenant,
             open: true,
+            savepoint: Savepoint::None,
         };
         // The tenant id is a parsed UUID, formatted by us: safe to inline, and inlining lets
         // BEGIN, set_config and `then` travel in one round trip.
@@ -197,9 +212,37 @@ impl TenantTx {
         self.tenant
     }
 
-    /// The connection, for running queries: `query.fetch_all(tx.conn())`.
-    pub fn conn(&mut self) -> &mut PgConnection {
+    /// The connection, for running queries: `query.fetch_all(tx.conn().await?.await?)`.
+    ///
+    /// Async because a job that shares its transaction with other jobs of its tenant (a round)
+    /// first takes its savepoint here, on its first statement.
+    ///
+    /// # Errors
+    /// Database errors taking that savepoint.
+    pub async fn conn(&mut self) -> sqlx::Result<&mut PgConnection> {
+        if let Savepoint::Pending(n) = self.savepoint {
+            // The tenant is set again with the savepoint: whatever a job before it in the
+            // round did, this job's statements run in its own verified tenant's context (a job
+            // that changed it also fails the whole round at its end, see `rounds`).
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "savepoint j{n}; select set_config('app.tenant_id', '{}', true)",
+                self.tenant.0.hyphenated()
+            )))
+            .execute(&mut *self.conn)
+            .await?;
+            self.savepoint = Savepoint::Taken(n);
+        }
+        Ok(&mut self.conn)
+    }
+
+    /// The connection without taking a pending savepoint: for the round's own statements.
+    pub(crate) fn raw_conn(&mut self) -> &mut PgConnection {
         &mut self.conn
+    }
+
+    /// Replaces the savepoint state; returns the old one.
+    pub(crate) fn set_savepoint(&mut self, savepoint: Savepoint) -> Savepoint {
+        std::mem::replace(&mut self.savepoint, savepoint)
     }
 
     /// Checks the tenant context is still this transaction's tenant.

@@ -203,10 +203,10 @@ impl Export {
             // Declared SQL runs read-only: whatever it tries to write fails. The savepoint
             // ends the read-only mode again for the run record.
             sqlx::query("savepoint declared_export")
-                .execute(tx.conn())
+                .execute(tx.conn().await?)
                 .await?;
             sqlx::query("set local transaction_read_only = on")
-                .execute(tx.conn())
+                .execute(tx.conn().await?)
                 .await?;
         }
         let temp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
@@ -219,7 +219,7 @@ impl Export {
         let streamed = async {
             // PostgreSQL sends one message per row: handing each to the writer thread costs
             // a channel operation (and often a wake-up) per row, so rows travel in batches.
-            let mut stream = tx.conn().copy_out_raw(&copy).await?;
+            let mut stream = tx.conn().await?.copy_out_raw(&copy).await?;
             let mut batch = bytes::BytesMut::with_capacity(EXPORT_BATCH_BYTES);
             while let Some(chunk) = stream.try_next().await? {
                 batch.extend_from_slice(&chunk);
@@ -259,7 +259,7 @@ impl Export {
         tx.check_context().await.map_err(|e| cleanup(e.into()))?;
         if declared {
             sqlx::query("rollback to savepoint declared_export")
-                .execute(tx.conn())
+                .execute(tx.conn().await?)
                 .await
                 .map_err(|e| cleanup(e.into()))?;
         }

@@ -177,7 +177,7 @@ impl Import {
             "create temp table import_rows (line bigint not null, id uuid, kind text not null,
                  external_id text, data jsonb not null, error text) on commit drop",
         )
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?;
         let mut errors = Vec::new();
         let mut shape_errors = 0u64;
@@ -196,11 +196,11 @@ impl Import {
             "select line, error from import_rows where error is not null order by line limit $1",
         )
         .bind(MAX_LISTED_ERRORS as i64)
-        .fetch_all(tx.conn())
+        .fetch_all(tx.conn().await?)
         .await?;
         let db_error_count: i64 =
             sqlx::query_scalar("select count(*) from import_rows where error is not null")
-                .fetch_one(tx.conn())
+                .fetch_one(tx.conn().await?)
                 .await?;
         errors.extend(db_errors.into_iter().map(|(line, reason)| RowError {
             line: line as u64,
@@ -556,6 +556,7 @@ async fn load_rows(
 ) -> Result<(), JobError> {
     let mut copy = tx
         .conn()
+        .await?
         .copy_in_raw("copy import_rows (line, id, kind, external_id, data) from stdin")
         .await?;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
@@ -644,7 +645,7 @@ async fn check_rules(tx: &mut TenantTx) -> Result<(), JobError> {
                              and c.id = (u.data ->> 'customer_id')::uuid)",
     ];
     for s in statements {
-        sqlx::query(s).execute(tx.conn()).await?;
+        sqlx::query(s).execute(tx.conn().await?).await?;
     }
     Ok(())
 }
@@ -671,7 +672,7 @@ async fn write_rows(tx: &mut TenantTx) -> Result<(u64, u64), JobError> {
                  returning (xmax = 0) as inserted)
              select count(*) filter (where inserted), count(*) filter (where not inserted) from w"
         )))
-        .fetch_one(tx.conn())
+        .fetch_one(tx.conn().await?)
         .await?;
         let plain = sqlx::query(sqlx::AssertSqlSafe(format!(
             "insert into records (tenant_id, id, kind, external_id, data)
@@ -679,7 +680,7 @@ async fn write_rows(tx: &mut TenantTx) -> Result<(u64, u64), JobError> {
              from import_rows where error is null and external_id is null and {kind_filter}
              order by line"
         )))
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?
         .rows_affected();
         inserted += i as u64 + plain;

@@ -50,7 +50,7 @@ impl Noop {
         }
         if self.count {
             let n: i64 = sqlx::query_scalar("select count(*) from records")
-                .fetch_one(tx.conn())
+                .fetch_one(tx.conn().await?)
                 .await?;
             return Ok(serde_json::json!({ "records_visible": n }));
         }

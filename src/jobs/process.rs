@@ -46,7 +46,7 @@ impl Process {
             .filter(|d| d.kind == DeclaredKind::Process)
             .ok_or_else(|| JobError::Fatal(format!("unknown processing job `{}`", self.name)))?;
         let affected = sqlx::query(sqlx::AssertSqlSafe(declared.sql.clone()))
-            .execute(tx.conn())
+            .execute(tx.conn().await?)
             .await?
             .rows_affected();
         Ok(serde_json::json!({ "name": self.name, "rows_affected": affected }))

@@ -101,7 +101,7 @@ impl Rollup {
             // One rollup of one tenant at a time.
             sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
                 .bind(format!("rollup:{}:{name}", tx.tenant_id()))
-                .execute(tx.conn())
+                .execute(tx.conn().await?)
                 .await?;
             let outcome = if BUILTINS.contains(&name.as_str()) {
                 run_builtin(tx, &name, self.full).await?
@@ -127,7 +127,7 @@ async fn run_builtin(
     let has_run: bool =
         sqlx::query_scalar("select exists(select 1 from rollup_runs where name = $1)")
             .bind(name)
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await?)
             .await?;
     let full = full || !has_run;
     // Consume the logged changes either way: a full run covers them.
@@ -136,12 +136,12 @@ async fn run_builtin(
          select distinct bucket from c",
     )
     .bind(name)
-    .fetch_all(tx.conn())
+    .fetch_all(tx.conn().await?)
     .await?;
     let (mode, deleted, filter) = if full {
         let deleted = sqlx::query("delete from rollups where name = $1")
             .bind(name)
-            .execute(tx.conn())
+            .execute(tx.conn().await?)
             .await?
             .rows_affected();
         ("full", deleted, String::new())
@@ -149,7 +149,7 @@ async fn run_builtin(
         let deleted = sqlx::query("delete from rollups where name = $1 and bucket = any($2)")
             .bind(name)
             .bind(&touched)
-            .execute(tx.conn())
+            .execute(tx.conn().await?)
             .await?
             .rows_affected();
         // Inlined rather than bound, so the aggregation can go through `insert_aggregate`
@@ -184,7 +184,7 @@ async fn run_declared(
 ) -> Result<serde_json::Value, JobError> {
     let deleted = sqlx::query("delete from rollups where name = $1")
         .bind(name)
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?
         .rows_affected();
     // `name` is a catalog name (checked against `is_valid_name`), safe to inline.
@@ -211,17 +211,17 @@ async fn insert_aggregate(tx: &mut TenantTx, select: &str) -> Result<u64, JobErr
         "create temp table rollup_fresh (tenant_id, name, bucket, dims, count, sum)
          on commit drop as {select}"
     )))
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?;
     let inserted = sqlx::query(
         "insert into rollups (tenant_id, name, bucket, dims, count, sum)
          select * from rollup_fresh",
     )
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?
     .rows_affected();
     sqlx::query("drop table rollup_fresh")
-        .execute(tx.conn())
+        .execute(tx.conn().await?)
         .await?;
     Ok(inserted)
 }
@@ -233,7 +233,7 @@ async fn record_run(tx: &mut TenantTx, name: &str, mode: &str) -> Result<(), Job
     )
     .bind(name)
     .bind(mode)
-    .execute(tx.conn())
+    .execute(tx.conn().await?)
     .await?;
     Ok(())
 }
@@ -263,6 +263,6 @@ pub async fn show(tx: &mut TenantTx, name: Option<&str>) -> Result<Vec<RollupRow
          where ($1::text is null or name = $1) order by name, bucket, dims::text",
     )
     .bind(name)
-    .fetch_all(tx.conn())
+    .fetch_all(tx.conn().await?)
     .await
 }

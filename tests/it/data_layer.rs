@@ -19,14 +19,14 @@ async fn seed(app: &PgPool, tenant: TenantId, extra: usize) -> i64 {
         .bind(tenant)
         .bind(customer)
         .bind(json!({"name": "Acme", "email": "ops@acme.test"}))
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap();
     for i in 0..(2 + extra) {
         sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
             .bind(tenant)
             .bind(json!({"name": format!("Tower {i}"), "address": "1 Main St", "city": "Springfield", "units": 10 + i}))
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await
             .unwrap();
     }
@@ -36,7 +36,7 @@ async fn seed(app: &PgPool, tenant: TenantId, extra: usize) -> i64 {
             json!({"customer_id": customer, "number": "INV-1", "amount": 100.5, "currency": "EUR",
                      "status": "open", "issued_on": "2026-01-01", "due_on": "2026-02-01"}),
         )
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -49,7 +49,7 @@ async fn count(tx: &mut TenantTx, relation: &str) -> (i64, i64) {
         "select count(*), count(*) filter (where tenant_id <> $1) from {relation}"
     )))
     .bind(tx.tenant_id())
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
     .unwrap()
 }
@@ -84,7 +84,7 @@ async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
             assert!(rows > 0, "{view} shows nothing for its own tenant");
         }
         let props: i64 = sqlx::query_scalar("select count(*) from v_property")
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await.unwrap())
             .await
             .unwrap();
         assert_eq!(props, expected - 2);
@@ -120,7 +120,7 @@ async fn with_check_refuses_writing_for_another_tenant() {
     let err =
         sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', '{}')")
             .bind(b)
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await
             .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
@@ -130,7 +130,7 @@ async fn with_check_refuses_writing_for_another_tenant() {
     let mut tx = db.scoped(&app, a).await;
     let err = sqlx::query("update records set tenant_id = $1")
         .bind(b)
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
@@ -140,7 +140,7 @@ async fn with_check_refuses_writing_for_another_tenant() {
     let mut tx = db.scoped(&app, a).await;
     let n = sqlx::query("delete from records where tenant_id = $1")
         .bind(b)
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap()
         .rows_affected();
@@ -304,7 +304,7 @@ async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next(
     {
         let mut tx = db.scoped(&one, a).await;
         pid_a = sqlx::query_scalar("select pg_backend_pid()")
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await.unwrap())
             .await
             .unwrap();
         assert_eq!(count(&mut tx, "records").await, (6, 0));
@@ -388,7 +388,7 @@ async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_co
     let mut tx = db.scoped(&one, a).await;
     let cut = tokio::time::timeout(
         std::time::Duration::from_millis(50),
-        sqlx::query("select pg_sleep(2)").execute(tx.conn()),
+        sqlx::query("select pg_sleep(2)").execute(tx.conn().await.unwrap()),
     )
     .await;
     assert!(cut.is_err(), "the statement was cut off");
@@ -486,7 +486,7 @@ async fn customer_email_is_unique_per_tenant_case_insensitively() {
             )
             .bind(t)
             .bind(json!({"name": "x", "email": email}))
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await;
             match r {
                 Ok(_) => tx.commit().await.map_err(|e| e.to_string()),
@@ -519,7 +519,7 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
                 "insert into records (tenant_id, kind, data) values ($1, 'customer', '{\"name\":\"c\"}') returning id",
             )
             .bind(t)
-            .fetch_one(tx.conn())
+            .fetch_one(tx.conn().await.unwrap())
             .await
             .unwrap();
             tx.commit().await.unwrap();
@@ -536,7 +536,7 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
             )
             .bind(a)
             .bind(json!({"customer_id": customer, "number": "1", "amount": 1}))
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await;
             let _ = tx.commit().await;
             r.map(|_| ()).map_err(|e| {
@@ -561,7 +561,7 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
         "insert into records (tenant_id, kind, data) values ($1, 'property', '{}') returning id",
     )
     .bind(a)
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -570,7 +570,7 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
     let mut tx = db.scoped(&app, a).await;
     let err = sqlx::query("delete from records where id = $1")
         .bind(ca)
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap_err();
     assert!(

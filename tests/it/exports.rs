@@ -294,7 +294,7 @@ async fn seed_properties(app: &PgPool, tenant: TenantId, n: i64) {
     )
     .bind(tenant)
     .bind(n)
-    .execute(tx.conn())
+    .execute(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -308,7 +308,7 @@ async fn insert_record(app: &PgPool, tenant: TenantId, kind: &str, data: Value) 
     .bind(tenant)
     .bind(kind)
     .bind(data)
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -327,7 +327,7 @@ async fn seed_customers(app: &PgPool, tenant: TenantId, prefix: &str, n: i64) {
     .bind(tenant)
     .bind(prefix)
     .bind(n)
-    .execute(tx.conn())
+    .execute(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -354,7 +354,7 @@ async fn seed_invoices(app: &PgPool, tenant: TenantId, n: i64) {
     )
     .bind(tenant)
     .bind(n)
-    .execute(tx.conn())
+    .execute(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -1345,14 +1345,14 @@ async fn schedules_are_validated_and_tenant_scoped() {
     let mut tx = TenantTx::begin(&app, b).await.unwrap();
     let n = sqlx::query("delete from schedules where id = $1")
         .bind(for_a)
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap()
         .rows_affected();
     assert_eq!(n, 0);
     let n = sqlx::query("update schedules set enabled = false where id = $1")
         .bind(for_a)
-        .execute(tx.conn())
+        .execute(tx.conn().await.unwrap())
         .await
         .unwrap()
         .rows_affected();
@@ -1363,7 +1363,7 @@ async fn schedules_are_validated_and_tenant_scoped() {
         "insert into schedules (tenant_id, cron, kind) values ($1, '* * * * *', 'noop')",
     )
     .bind(a)
-    .execute(tx.conn())
+    .execute(tx.conn().await.unwrap())
     .await
     .expect_err("insert for another tenant");
     assert_eq!(

@@ -216,7 +216,7 @@ async fn insert(
     .bind(kind)
     .bind(data)
     .bind(external_id)
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -233,7 +233,7 @@ async fn insert_at(tx: &mut TenantTx, kind: &str, data: Value, created_at: DateT
     .bind(kind)
     .bind(data)
     .bind(created_at)
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
     .unwrap()
 }
@@ -1924,7 +1924,7 @@ fn invoice_data(number: &str, customer: Uuid, inv: &Inv) -> Value {
 async fn some_customer(tx: &mut TenantTx, pick: u32) -> Result<Uuid, sqlx::Error> {
     let customers: Vec<Uuid> =
         sqlx::query_scalar("select id from records where kind = 'customer' order by id")
-            .fetch_all(tx.conn())
+            .fetch_all(tx.conn().await.unwrap())
             .await?;
     if customers.is_empty() {
         return insert_random(tx, Kind::Customer, pick, None).await;
@@ -1963,14 +1963,14 @@ async fn insert_random(
     .bind(kind.name())
     .bind(data)
     .bind(base_time() + chrono::Duration::minutes(i64::from(minute)))
-    .fetch_one(tx.conn())
+    .fetch_one(tx.conn().await.unwrap())
     .await
 }
 
 /// The transaction tenant's records in a stable order: (id, kind, data).
 async fn records_in(tx: &mut TenantTx) -> Result<Vec<(Uuid, String, Value)>, sqlx::Error> {
     sqlx::query_as("select id, kind, data from records order by id")
-        .fetch_all(tx.conn())
+        .fetch_all(tx.conn().await.unwrap())
         .await
 }
 
@@ -1999,7 +1999,7 @@ async fn apply_op(tx: &mut TenantTx, op: &Op) -> Result<(), sqlx::Error> {
             .bind(id)
             .bind(data)
             .bind(created)
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await?;
         }
         Op::Delete(pick) => {
@@ -2014,7 +2014,7 @@ async fn apply_op(tx: &mut TenantTx, op: &Op) -> Result<(), sqlx::Error> {
                         select 1 from records i where i.kind = 'invoice' and i.customer_ref = r.id))",
             )
             .bind(id)
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await?;
         }
         Op::Bulk(kind, minutes) => {
@@ -2026,7 +2026,7 @@ async fn apply_op(tx: &mut TenantTx, op: &Op) -> Result<(), sqlx::Error> {
             )
             .bind(kind.name())
             .bind(f64::from(*minutes))
-            .execute(tx.conn())
+            .execute(tx.conn().await.unwrap())
             .await?;
         }
         Op::Commit | Op::Noise(..) => unreachable!("handled by the caller"),
@@ -2062,11 +2062,11 @@ async fn apply_noise(
             {
                 sqlx::query("delete from records where id = $1")
                     .bind(id)
-                    .execute(tx.conn())
+                    .execute(tx.conn().await.unwrap())
                     .await?;
             } else {
                 sqlx::query("update records set created_at = created_at + interval '1 day'")
-                    .execute(tx.conn())
+                    .execute(tx.conn().await.unwrap())
                     .await?;
             }
         }
