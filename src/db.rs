@@ -398,6 +398,9 @@ async fn tune_queue(admin: &PgPool) -> Result<()> {
              alter function apalis.get_jobs(text, text, integer) set enable_mergejoin = off;
              create index if not exists apalis_jobs_in_flight_lock_by on apalis.jobs (lock_by)
                  where status = 'Queued' or status = 'Running';
+             create index if not exists apalis_jobs_tenant_fetch on apalis.jobs
+                 (job_type, (coalesce(metadata -> 'tenant_id', '')), priority desc, run_at)
+                 where status = 'Pending' or (status = 'Failed' and attempts < max_attempts);
              drop index if exists apalis.idx_apalis_jobs_lock_by;
              drop index if exists apalis.lidx;
              drop index if exists apalis.unique_job_id;",

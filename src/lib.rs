@@ -7,6 +7,7 @@
 //! folder and the README for the whole picture.
 
 pub mod audit;
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod embedded;
 pub mod envelope;
 pub mod jobs;
 pub mod queue;
+mod rounds;
 pub mod scheduler;
 pub mod telemetry;
 pub mod tenant;

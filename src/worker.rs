@@ -1,13 +1,15 @@
-//! The worker: fetch from apalis-postgres, verify the envelope, run the job in one
-//! tenant-scoped transaction, record the run, ack.
+//! The worker: fetch a group of jobs through our apalis backend ([`crate::backend`]), verify
+//! each envelope, run the jobs in tenant-scoped transactions (several short jobs of one tenant
+//! in one shared round, [`crate::rounds`]), record the runs, write the outcomes back.
 //!
-//! Three weaknesses of apalis-postgres 1.0 are handled here (see the shared research note):
-//! - **Payloads that fail to decode stop an apalis worker.** The backend is given a
-//!   pass-through codec ([`RawCodec`]) so decoding can never fail; the bytes are parsed and
+//! Three weaknesses of apalis-postgres 1.0 are handled here and in the backend (see the shared
+//! research note):
+//! - **Payloads that fail to decode stop an apalis worker.** The backend's codec passes the
+//!   stored bytes through undecoded, so decoding can never fail; the bytes are parsed and
 //!   verified by our handler, which rejects bad ones like any other bad envelope.
-//! - **Retries are immediate.** Before a retryable failure is reported, the handler moves the
-//!   job's `run_at` into the future (exponential backoff with jitter); apalis's fetch only
-//!   takes jobs whose `run_at` has passed.
+//! - **Retries are immediate.** A retryable failure is written back with its `run_at` moved
+//!   into the future (exponential backoff with jitter), in the same statement as the failure;
+//!   the fetch only takes jobs whose `run_at` has passed.
 //! - **Any database error ends `Worker::run`.** [`run`] supervises the apalis worker: on error it
 //!   logs, releases the jobs the dead generation held, backs off and starts a new generation,
 //!   until shutdown.
@@ -19,15 +21,14 @@ use std::time::Duration;
 
 use apalis::layers::WorkerBuilderExt as _;
 use apalis::prelude::*;
-use apalis_core::backend::codec::Codec;
 use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy, Strategy};
-use apalis_postgres::PostgresStorage;
 use futures::FutureExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, field};
 use uuid::Uuid;
 
+use crate::backend::{Delivery, Group, TenantStorage};
 use crate::config::{Settings, WorkerSettings};
 use crate::envelope::{JobId, Keyring, Rejection, TenantId};
 use crate::jobs::declared::Catalog;
@@ -49,28 +50,6 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The raw stored payload, handed to the handler undecoded.
-#[derive(Debug, Clone)]
-pub struct RawPayload(pub Vec<u8>);
-
-/// A codec that passes bytes through, so a payload that is not JSON (or not UTF-8) reaches
-/// our handler, which rejects it, instead of stopping the apalis worker.
-#[derive(Debug, Clone, Default)]
-pub struct RawCodec;
-
-impl Codec<RawPayload> for RawCodec {
-    type Error = std::convert::Infallible;
-    type Compact = Vec<u8>;
-
-    fn encode(&self, val: &RawPayload) -> Result<Vec<u8>, Self::Error> {
-        Ok(val.0.clone())
-    }
-
-    fn decode(&self, val: &Vec<u8>) -> Result<RawPayload, Self::Error> {
-        Ok(RawPayload(val.clone()))
-    }
-}
-
 /// Everything a job handler needs. Job bodies only ever see a [`TenantTx`] from it.
 #[derive(Clone)]
 pub struct WorkerState {
@@ -85,6 +64,10 @@ pub struct WorkerState {
     /// Cancelled when the shutdown timeout cuts in-flight jobs off: their transactions roll
     /// back, so they take effect once when run again.
     abort: CancellationToken,
+    /// One per job or round running: `concurrency` in all.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Writes job outcomes back to the queue.
+    acker: Arc<crate::backend::Acker>,
 }
 
 /// Counters for one [`run`].
@@ -122,6 +105,7 @@ impl WorkerState {
         settings: &Settings,
     ) -> Self {
         Self {
+            acker: Arc::new(crate::backend::Acker::new(queue_pool.clone())),
             app_pool,
             queue_pool,
             keyring: Arc::new(keyring),
@@ -131,6 +115,9 @@ impl WorkerState {
             exports_dir: settings.exports.dir.clone(),
             imports_dir: settings.imports.dir.clone(),
             abort: CancellationToken::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                settings.worker.concurrency.max(1),
+            )),
         }
     }
 
@@ -156,12 +143,12 @@ impl WorkerState {
 struct Rejected(String);
 
 /// What happened to one delivery.
-enum Outcome {
+pub(crate) enum Outcome {
     Done(serde_json::Value),
     Duplicate,
 }
 
-enum ExecError {
+pub(crate) enum ExecError {
     Rejected(Rejection),
     Job(JobError),
 }
@@ -195,56 +182,149 @@ pub fn backoff_delay(settings: &WorkerSettings, attempt: u32) -> Duration {
     Duration::from_millis(raw - half + jitter)
 }
 
-/// The apalis handler: one delivery of one job.
+/// A verified job, ready to run.
+struct Ready {
+    delivery: Delivery,
+    span: tracing::Span,
+    tenant: TenantId,
+    spec: JobSpec,
+    ctx: JobContext,
+    timeout: Duration,
+}
+
+/// What one job's delivery ended with: the outcome reported for it, when to retry it, and
+/// whether to write it back (`false` for a job cut off by the shutdown timeout, which `run`
+/// releases to the queue instead).
+struct Ended {
+    id: String,
+    attempt: u32,
+    result: Result<serde_json::Value, BoxDynError>,
+    retry_in: Option<Duration>,
+    ack: bool,
+}
+
+/// The apalis handler: one fetched [`Group`] of jobs, normally all of one tenant.
+///
+/// Each job is verified on its own (a bad envelope is rejected alone). The verified jobs that
+/// share rounds run as one round per signed tenant; every other job runs alone. Rounds and
+/// lone jobs run concurrently, each holding one of the worker's `concurrency` slots, and each
+/// writes its jobs' outcomes back to the queue as soon as it ends.
 async fn handle(
-    payload: RawPayload,
+    group: Group,
     state: Data<WorkerState>,
-    task_id: TaskId,
-    attempt: Attempt,
+    worker: WorkerContext,
 ) -> Result<serde_json::Value, BoxDynError> {
-    let attempt = attempt.current() as u32;
-    let row_id = task_id.to_string();
-    let queued_id = JobId::parse_any(&row_id);
+    let state: &WorkerState = &state;
+    let worker = worker.name();
+    let jobs = group.jobs.len();
+    let mut rejected = Vec::new();
+    let mut rounds: Vec<(TenantId, Vec<Ready>)> = Vec::new();
+    let mut alone = Vec::new();
+    for delivery in group.jobs {
+        match prepare(state, delivery) {
+            Ok(ready) if crate::rounds::shares_rounds(&ready.spec) => {
+                match rounds.iter_mut().find(|(t, _)| *t == ready.tenant) {
+                    Some((_, members)) => members.push(ready),
+                    None => rounds.push((ready.tenant, vec![ready])),
+                }
+            }
+            Ok(ready) => alone.push(ready),
+            Err(ended) => rejected.push(ended),
+        }
+    }
+    let mut units: Vec<futures::future::BoxFuture<'_, ()>> = Vec::new();
+    if !rejected.is_empty() {
+        units.push(Box::pin(write_back(state, worker, rejected)));
+    }
+    for (tenant, members) in rounds {
+        if members.len() == 1 {
+            alone.extend(members);
+        } else {
+            units.push(Box::pin(run_round_unit(state, worker, tenant, members)));
+        }
+    }
+    for ready in alone {
+        units.push(Box::pin(async move {
+            let Ok(_slot) = state.slots.acquire().await else {
+                return;
+            };
+            let ended = run_alone(state, ready).await;
+            write_back(state, worker, vec![ended]).await;
+        }));
+    }
+    futures::future::join_all(units).await;
+    Ok(serde_json::json!({ "jobs": jobs }))
+}
+
+/// Verifies one delivery's envelope and parses its job; a rejection is returned as the ended
+/// delivery to write back.
+fn prepare(state: &WorkerState, delivery: Delivery) -> Result<Ready, Ended> {
+    let queued_id = JobId::parse_any(&delivery.id);
     let span = tracing::info_span!(
         "job",
-        job_id = %queued_id.map(|j| j.to_string()).unwrap_or_else(|| row_id.clone()),
+        job_id = %queued_id.map(|j| j.to_string()).unwrap_or_else(|| delivery.id.clone()),
         tenant_id = field::Empty,
         kind = field::Empty,
-        attempt
+        attempt = delivery.attempt
     );
-    async move {
-        let now = chrono::Utc::now().timestamp();
-        let verified = match state
-            .keyring
-            .verify(&payload.0, state.settings.max_payload_bytes, queued_id, now)
-        {
-            Ok(v) => v,
-            Err(r) => return Err(reject(&state, r)),
-        };
-        let span = tracing::Span::current();
-        span.record("tenant_id", field::display(verified.tenant_id));
-        span.record("kind", field::display(&verified.kind));
-        let spec = match JobSpec::parse(&verified.kind, &verified.args, &state.catalog) {
-            Ok(s) => s,
-            Err(r) => return Err(reject(&state, r)),
-        };
-        let ctx = JobContext {
-            job_id: verified.job_id,
-            attempt,
-            exports_dir: state.exports_dir.clone(),
-            imports_dir: state.imports_dir.clone(),
-            catalog: state.catalog.clone(),
-        };
-        let timeout = state.settings.timeout_for(spec.kind());
+    let _enter = span.enter();
+    let rejected = |r: Rejection, delivery: Delivery| Ended {
+        id: delivery.id,
+        attempt: delivery.attempt,
+        result: Err(reject(state, r)),
+        retry_in: None,
+        ack: true,
+    };
+    let now = chrono::Utc::now().timestamp();
+    let verified = match state.keyring.verify(
+        &delivery.payload,
+        state.settings.max_payload_bytes,
+        queued_id,
+        now,
+    ) {
+        Ok(v) => v,
+        Err(r) => return Err(rejected(r, delivery)),
+    };
+    span.record("tenant_id", field::display(verified.tenant_id));
+    span.record("kind", field::display(&verified.kind));
+    let spec = match JobSpec::parse(&verified.kind, &verified.args, &state.catalog) {
+        Ok(s) => s,
+        Err(r) => return Err(rejected(r, delivery)),
+    };
+    let ctx = JobContext {
+        job_id: verified.job_id,
+        attempt: delivery.attempt,
+        exports_dir: state.exports_dir.clone(),
+        imports_dir: state.imports_dir.clone(),
+        catalog: state.catalog.clone(),
+    };
+    let timeout = state.settings.timeout_for(spec.kind());
+    drop(_enter);
+    Ok(Ready {
+        delivery,
+        span,
+        tenant: verified.tenant_id,
+        spec,
+        ctx,
+        timeout,
+    })
+}
+
+/// Runs one job alone in its own scoped transaction, within its time limit.
+async fn run_alone(state: &WorkerState, ready: Ready) -> Ended {
+    let Ready {
+        delivery,
+        span,
+        tenant,
+        spec,
+        ctx,
+        timeout,
+    } = ready;
+    async {
         // A panicking job must not take the worker down or stay "running": it becomes a
         // permanent failure with the panic message (a panic is a bug, not a hiccup).
-        let guarded = std::panic::AssertUnwindSafe(execute(
-            &state.app_pool,
-            verified.tenant_id,
-            &spec,
-            &ctx,
-        ))
-        .catch_unwind();
+        let guarded = std::panic::AssertUnwindSafe(execute(&state.app_pool, tenant, &spec, &ctx))
+            .catch_unwind();
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, guarded) => match r {
                 Ok(Ok(r)) => r,
@@ -259,51 +339,157 @@ async fn handle(
             },
             () = state.abort.cancelled() => {
                 tracing::warn!("job cut off by the shutdown timeout; its transaction rolls back");
-                return Err(Box::new(JobFailed("cut off by shutdown".into())) as BoxDynError);
+                return Ended {
+                    id: delivery.id,
+                    attempt: delivery.attempt,
+                    result: Err(Box::new(JobFailed("cut off by shutdown".into()))),
+                    retry_in: None,
+                    ack: false,
+                };
             }
         };
+        finish(state, delivery, result)
+    }
+    .instrument(span.clone())
+    .await
+}
+
+/// Runs `members` (two or more jobs of `tenant`) as one round; jobs the round hands back run
+/// alone, within the same slot.
+async fn run_round_unit(state: &WorkerState, worker: &str, tenant: TenantId, members: Vec<Ready>) {
+    let Ok(_slot) = state.slots.acquire().await else {
+        return;
+    };
+    let jobs: Vec<crate::rounds::RoundJob> = members
+        .iter()
+        .map(|r| crate::rounds::RoundJob {
+            spec: r.spec.clone(),
+            ctx: r.ctx.clone(),
+            timeout: r.timeout,
+            span: r.span.clone(),
+        })
+        .collect();
+    let results = tokio::select! {
+        r = crate::rounds::run_round(&state.app_pool, tenant, &jobs) => r,
+        () = state.abort.cancelled() => {
+            // Dropping the round closes its connection, which rolls it back; `run` releases
+            // the jobs to the queue.
+            tracing::warn!(%tenant, jobs = members.len(), "round cut off by the shutdown timeout; its transaction rolls back");
+            return;
+        }
+    };
+    let mut ended = Vec::with_capacity(members.len());
+    let mut again = Vec::new();
+    for (ready, result) in members.into_iter().zip(results) {
         match result {
-            Ok(Outcome::Done(out)) => {
-                state.stats.done.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("job done");
-                Ok(out)
+            Some(result) => {
+                let span = ready.span.clone();
+                ended.push(span.in_scope(|| finish(state, ready.delivery, result)));
             }
-            Ok(Outcome::Duplicate) => {
-                state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("job already took effect; redelivery ignored");
-                Ok(serde_json::json!({ "duplicate": true }))
-            }
-            Err(ExecError::Rejected(r)) => Err(reject(&state, r)),
-            Err(ExecError::Job(JobError::Fatal(msg))) => {
-                state.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error.message = %msg, "job failed permanently");
-                Err(AbortError::new(JobFailed(scrub(&msg))).into())
-            }
-            Err(ExecError::Job(JobError::Retryable(msg))) => {
-                state.stats.failed.fetch_add(1, Ordering::Relaxed);
-                let max = state.settings.max_attempts;
-                if attempt < max {
-                    let delay = backoff_delay(&state.settings, attempt);
-                    tracing::warn!(error.message = %msg, retry_in_ms = delay.as_millis() as u64, "job failed; will retry");
-                    if let Err(e) = delay_job(&state.queue_pool, &row_id, delay).await {
-                        tracing::error!(error.message = %e, "could not schedule the retry; it will run sooner");
-                    }
-                } else {
-                    tracing::error!(error.message = %msg, "job failed on its last attempt; it is dead");
-                }
-                Err(Box::new(JobFailed(scrub(&msg))))
-            }
+            None => again.push(ready),
         }
     }
-    .instrument(span)
-    .await
+    let again = futures::future::join_all(again.into_iter().map(|r| run_alone(state, r)));
+    ended.extend(again.await);
+    write_back(state, worker, ended).await;
+}
+
+/// Classifies one job's result (counting and logging it in its span) into what is written back.
+fn finish(state: &WorkerState, delivery: Delivery, result: Result<Outcome, ExecError>) -> Ended {
+    let attempt = delivery.attempt;
+    let (result, retry_in) = match result {
+        Ok(Outcome::Done(out)) => {
+            state.stats.done.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("job done");
+            (Ok(out), None)
+        }
+        Ok(Outcome::Duplicate) => {
+            state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("job already took effect; redelivery ignored");
+            (Ok(serde_json::json!({ "duplicate": true })), None)
+        }
+        Err(ExecError::Rejected(r)) => (Err(reject(state, r)), None),
+        Err(ExecError::Job(JobError::Fatal(msg))) => {
+            state.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error.message = %msg, "job failed permanently");
+            (Err(AbortError::new(JobFailed(scrub(&msg))).into()), None)
+        }
+        Err(ExecError::Job(JobError::Retryable(msg))) => {
+            state.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let retry_in = if attempt < state.settings.max_attempts {
+                let delay = backoff_delay(&state.settings, attempt);
+                tracing::warn!(error.message = %msg, retry_in_ms = delay.as_millis() as u64, "job failed; will retry");
+                Some(delay)
+            } else {
+                tracing::error!(error.message = %msg, "job failed on its last attempt; it is dead");
+                None
+            };
+            let failed: BoxDynError = Box::new(JobFailed(scrub(&msg)));
+            (Err(failed), retry_in)
+        }
+    };
+    Ended {
+        id: delivery.id,
+        attempt,
+        result,
+        retry_in,
+        ack: true,
+    }
+}
+
+/// Writes the outcomes of ended deliveries back to the queue, in one statement.
+async fn write_back(state: &WorkerState, worker: &str, ended: Vec<Ended>) {
+    let acks: Vec<crate::backend::Ack> = ended
+        .into_iter()
+        .filter(|e| e.ack)
+        .map(|e| ack_of(&e.result, e.id, worker, e.attempt, e.retry_in))
+        .collect();
+    if acks.is_empty() {
+        return;
+    }
+    let n = acks.len();
+    tokio::select! {
+        written = state.acker.ack(acks) => if let Err(e) = written {
+            tracing::error!(error.message = %e, jobs = n, "could not record the jobs' outcomes in the queue");
+        },
+        // Cut off: the rows stay `Running` until `run` releases them (or orphan recovery
+        // does); the re-runs find their run records and do nothing.
+        () = state.abort.cancelled() => {}
+    }
+}
+
+/// The row update for one finished delivery, as apalis's lifecycle would classify it: `Ok` is
+/// `Done`, an [`AbortError`] is `Killed` (never retried), any other error is `Failed` (fetched
+/// again while attempts remain, once `run_at` has passed).
+fn ack_of(
+    result: &Result<serde_json::Value, BoxDynError>,
+    id: String,
+    worker: &str,
+    attempt: u32,
+    retry_in: Option<Duration>,
+) -> crate::backend::Ack {
+    let (status, result) = match result {
+        Ok(v) => ("Done", serde_json::json!({ "Ok": v })),
+        Err(e) if e.downcast_ref::<AbortError>().is_some() => {
+            ("Killed", serde_json::json!({ "Err": e.to_string() }))
+        }
+        Err(e) => ("Failed", serde_json::json!({ "Err": e.to_string() })),
+    };
+    crate::backend::Ack {
+        id,
+        worker: worker.to_string(),
+        status,
+        attempt,
+        result,
+        retry_in_ms: retry_in.map(|d| d.as_millis() as f64),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct JobFailed(String);
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -318,7 +504,7 @@ fn scrub(s: &str) -> String {
 }
 
 /// [`scrub`] for every key and string of a result document.
-fn scrub_json(v: &mut serde_json::Value) {
+pub(crate) fn scrub_json(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::String(s) if s.contains('\0') => *s = scrub(s),
         serde_json::Value::Array(a) => a.iter_mut().for_each(scrub_json),
@@ -339,19 +525,6 @@ fn reject(state: &WorkerState, r: Rejection) -> BoxDynError {
     state.stats.rejected.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(reason = %r, "job rejected");
     AbortError::new(Rejected(scrub(&r.to_string()))).into()
-}
-
-/// Moves a failed job's next run into the future. The ack that follows sets it `Failed` and
-/// apalis fetches `Failed` jobs again only once `run_at` has passed.
-async fn delay_job(queue_pool: &PgPool, row_id: &str, delay: Duration) -> sqlx::Result<()> {
-    sqlx::query(
-        "update apalis.jobs set run_at = now() + $2 * interval '1 millisecond' where id = $1",
-    )
-    .bind(row_id)
-    .bind(delay.as_millis() as f64)
-    .execute(queue_pool)
-    .await?;
-    Ok(())
 }
 
 /// The scoped part: one transaction, tenant set first, tenant checked, run record claimed,
@@ -719,10 +892,7 @@ where
             .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
             .missed_heartbeats(s.missed_heartbeats);
         let strategy = wake_strategy(&pool, &s.queue, Duration::from_millis(s.poll_interval_ms));
-        let backend = PostgresStorage::<RawPayload>::new(&pool)
-            .with_config(config)
-            .with_codec(RawCodec)
-            .poll_with_strategy(strategy);
+        let backend = TenantStorage::new(&pool, config).poll_with_strategy(strategy);
         WorkerBuilder::new(name.as_str())
             .backend(backend)
             .data(state.clone())

@@ -6,4 +6,5 @@ mod exports;
 mod faults;
 mod helpers;
 mod processing;
+mod rounds;
 mod worker;

@@ -1,0 +1,561 @@
+//! Our apalis backend over apalis-postgres's `apalis.jobs` table: the same rows, states and
+//! maintenance queries, with a fetch designed for scoped transactions.
+//!
+//! apalis-postgres's fetch (`apalis.get_jobs`) takes the oldest runnable jobs whatever their
+//! tenant, so a batch of 32 from a queue shared by 100 tenants holds 32 different tenants and
+//! every job needs its own scoped transaction. [`TenantStorage`] fetches **the oldest runnable
+//! job and more runnable jobs of the same tenant** (by the unsigned routing copy of the tenant
+//! id in the row's metadata), so the worker can run them in one scoped transaction (see
+//! `rounds`). The routing copy decides only which jobs travel together: every job's signed
+//! envelope is still verified, and a job whose signed tenant differs from its batch's runs in
+//! its own round. The fetch also marks the rows `Running` at once, so apalis's separate per-job
+//! lock update is not needed (`lock_tasks` off); the shutdown and orphan re-enqueue queries
+//! accept `Running` rows as well as `Queued` ones.
+//!
+//! Everything else (registering, heartbeats, orphan re-enqueue, acks, pushes) runs
+//! apalis-postgres's own queries, so `jobs show`, retries, the scheduler and plain apalis
+//! workers on the same table keep working unchanged.
+
+use std::task::{Context, Poll};
+
+use apalis_codec::json::JsonCodec;
+use apalis_core::backend::codec::Codec;
+use apalis_core::backend::persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer};
+use apalis_core::backend::{Backend, BackendConfig, WireFormatBackend, finalize::Durable};
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+use apalis_core::worker::context::WorkerContext;
+use apalis_postgres::{Config, Error, queries};
+use serde_json::Value;
+use sqlx::PgPool;
+use ulid::Ulid;
+
+/// The fetch: the oldest runnable job (apalis's order: priority, then `run_at`) picks the
+/// tenant; up to `$3` runnable jobs of that tenant are taken, oldest first, and marked
+/// `Running` for worker `$1` in the same statement. `SKIP LOCKED` in both steps lets workers
+/// fetch concurrently; two workers take different heads, so usually different tenants. A row
+/// without a routing tenant groups with the other such rows (`''`).
+///
+/// Served by the partial index `apalis_jobs_tenant_fetch` (see `db::tune_queue`).
+const FETCH: &str = "
+with head as (
+    select coalesce(metadata -> 'tenant_id', '') as tenant
+    from apalis.jobs
+    where job_type = $2
+      and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+      and run_at < now()
+    order by priority desc, run_at asc
+    limit 1
+    for update skip locked
+),
+picked as (
+    select j.id
+    from apalis.jobs j
+    where j.job_type = $2
+      and (j.status = 'Pending' or (j.status = 'Failed' and j.attempts < j.max_attempts))
+      and j.run_at < now()
+      and coalesce(j.metadata -> 'tenant_id', '') = (select tenant from head)
+    order by j.priority desc, j.run_at asc
+    limit $3
+    for update skip locked
+)
+update apalis.jobs j
+set status = 'Running', lock_by = $1, lock_at = now()
+from picked
+where j.id = picked.id
+returning j.id, j.job, j.job_type, j.attempts";
+
+/// apalis-postgres's `queries/worker/register.sql` (its function takes a private type).
+const REGISTER: &str = "
+insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+values ($1, $2, $3, $4, now())
+on conflict (id) do update
+set worker_type = excluded.worker_type,
+    storage_name = excluded.storage_name,
+    layers = excluded.layers,
+    last_seen = now()
+where pg_try_advisory_lock(hashtext(workers.id))";
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: String,
+    job: Vec<u8>,
+    job_type: String,
+    attempts: i32,
+}
+
+/// One job of a fetched [`Group`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Row id (the job id as a ULID).
+    pub id: String,
+    /// The 1-based attempt this delivery is.
+    pub attempt: u32,
+    /// The stored payload, undecoded: the handler verifies it.
+    pub payload: Vec<u8>,
+}
+
+/// What one fetch hands the worker: up to `batch_size` jobs, all with the same routing tenant.
+/// apalis sees it as one task, so its concurrency limit counts groups; the worker runs the
+/// group's jobs (see `worker`), in one round where it can.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    /// The jobs, oldest first.
+    pub jobs: Vec<Delivery>,
+}
+
+impl Group {
+    /// The apalis task carrying `rows`, identified by its first job; `None` for no rows.
+    fn task(rows: Vec<Row>) -> Option<Task<Vec<u8>>> {
+        let first = rows.first()?;
+        let id = first.id.parse::<TaskId>().ok();
+        let queue = first.job_type.clone();
+        let group = Group {
+            jobs: rows
+                .into_iter()
+                .map(|r| Delivery {
+                    id: r.id,
+                    attempt: r.attempts.max(0) as u32 + 1,
+                    payload: r.job,
+                })
+                .collect(),
+        };
+        let mut task = TaskBuilder::new(GroupCodec::encode_bytes(&group)).queue(queue.into());
+        if let Some(id) = id {
+            task = task.task_id(id);
+        }
+        Some(task.build())
+    }
+}
+
+/// The wire form of a [`Group`] inside apalis: per job, the id's length (u16) and bytes, the
+/// attempt (u32) and the payload's length (u32) and bytes, little-endian. Decoding never fails:
+/// a truncated tail (which our own encoder never writes) is dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupCodec;
+
+impl GroupCodec {
+    fn encode_bytes(group: &Group) -> Vec<u8> {
+        let size: usize = group
+            .jobs
+            .iter()
+            .map(|j| 10 + j.id.len() + j.payload.len())
+            .sum();
+        let mut out = Vec::with_capacity(size);
+        for j in &group.jobs {
+            out.extend_from_slice(&(j.id.len() as u16).to_le_bytes());
+            out.extend_from_slice(j.id.as_bytes());
+            out.extend_from_slice(&j.attempt.to_le_bytes());
+            out.extend_from_slice(&(j.payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(&j.payload);
+        }
+        out
+    }
+
+    fn decode_bytes(mut bytes: &[u8]) -> Group {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, tail) = (bytes.get(..n)?, bytes.get(n..)?);
+            *bytes = tail;
+            Some(head)
+        }
+        fn u32_le(b: &[u8]) -> u32 {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+        let mut jobs = Vec::new();
+        while let Some(len) = take(&mut bytes, 2) {
+            let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+            let Some(id) = take(&mut bytes, len) else {
+                break;
+            };
+            let Some(attempt) = take(&mut bytes, 4) else {
+                break;
+            };
+            let Some(size) = take(&mut bytes, 4) else {
+                break;
+            };
+            let Some(payload) = take(&mut bytes, u32_le(size) as usize) else {
+                break;
+            };
+            jobs.push(Delivery {
+                id: String::from_utf8_lossy(id).into_owned(),
+                attempt: u32_le(attempt),
+                payload: payload.to_vec(),
+            });
+        }
+        Group { jobs }
+    }
+}
+
+impl Codec<Group> for GroupCodec {
+    type Error = std::convert::Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, group: &Group) -> Result<Vec<u8>, Self::Error> {
+        Ok(Self::encode_bytes(group))
+    }
+
+    fn decode(&self, bytes: &Vec<u8>) -> Result<Group, Self::Error> {
+        Ok(Self::decode_bytes(bytes))
+    }
+}
+
+/// The persistence half: what [`Persisted`] drives.
+#[derive(Debug, Clone)]
+pub struct TenantPersistence {
+    pool: PgPool,
+    config: Config,
+}
+
+impl Persistence for TenantPersistence {
+    type Compact = Vec<u8>;
+    type Response = Value;
+    type Error = Error;
+
+    async fn register(&mut self, worker: &WorkerContext) -> Result<(), Error> {
+        let queue = self.config.queue.as_ref();
+        let mut tx = self.pool.begin().await?;
+        let dead_for = self.config.orphaned_duration().as_secs();
+        queries::reenqueue_orphaned(&mut *tx, queue, dead_for).await?;
+        let res = sqlx::query(REGISTER)
+            .bind(worker.name())
+            .bind(queue)
+            .bind("TenantStorage")
+            .bind(worker.get_service())
+            .execute(&mut *tx)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(Error::WorkerAlreadyExists(worker.name().to_owned()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), Error> {
+        let queue = self.config.queue.as_ref();
+        let mut tx = self.pool.begin().await?;
+        queries::keep_alive(&mut *tx, queue, worker).await?;
+        let dead_for = self.config.orphaned_duration().as_secs();
+        queries::reenqueue_orphaned(&mut *tx, queue, dead_for).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
+        // One statement, so no explicit transaction: its autocommit is the whole claim.
+        let rows: Vec<Row> = sqlx::query_as(FETCH)
+            .bind(worker.name())
+            .bind(self.config.queue.as_ref())
+            .bind(self.config.batch_size as i32)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Group::task(rows).into_iter().collect())
+    }
+
+    async fn reenqueue_abandoned(
+        &mut self,
+        tasks: Vec<Task<Vec<u8>>>,
+        worker: &WorkerContext,
+    ) -> Result<u64, Error> {
+        // Each task is a group: re-enqueue every job in it.
+        let ids: Vec<String> = tasks
+            .iter()
+            .flat_map(|t| GroupCodec::decode_bytes(&t.args).jobs)
+            .map(|j| j.id)
+            .collect();
+        let queue = self.config.queue.as_ref();
+        let mut tx = self.pool.begin().await?;
+        let count = queries::reenqueue_abandoned(&mut *tx, queue, worker.name(), &ids).await?;
+        if count as usize != ids.len() {
+            return Err(Error::ReenqueueMismatch {
+                queued: ids.len(),
+                abandoned: count as usize,
+            });
+        }
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    async fn handle_events(
+        &mut self,
+        events: Vec<TaskEvent<Value>>,
+        worker: &WorkerContext,
+    ) -> Result<(), Error> {
+        // The fetch already marked the rows `Running` (lock_tasks is off) and the worker writes
+        // its own acks ([`Acker`]; persist_results is off): apalis sends nothing. Kept for
+        // completeness, should it ever send acks.
+        let acks: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                TaskEvent::Complete(payload) => Some(payload),
+                _ => None,
+            })
+            .collect();
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        queries::handle_results(&mut *conn, &acks, worker.name()).await?;
+        Ok(())
+    }
+
+    async fn push_tasks(&mut self, tasks: Vec<Task<Vec<u8>>>) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        queries::push_tasks(&mut *tx, self.config.queue.as_ref(), tasks).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The worker's apalis backend: [`TenantPersistence`] driven by apalis-core's [`Persisted`];
+/// each task is a [`Group`] of same-tenant jobs, payloads undecoded.
+#[pin_project::pin_project]
+pub struct TenantStorage {
+    #[pin]
+    persistence: Persisted<TenantPersistence>,
+    codec: GroupCodec,
+}
+
+impl TenantStorage {
+    /// A backend for `config.queue` on `pool` (the queue role's).
+    pub fn new(pool: &PgPool, config: Config) -> Self {
+        Self {
+            persistence: Persisted::new(TenantPersistence {
+                pool: pool.clone(),
+                config,
+            }),
+            codec: GroupCodec,
+        }
+    }
+}
+
+impl Backend for TenantStorage {
+    type Task = Task<Vec<u8>>;
+    type Error = Error;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Error>> {
+        let interval = self.persistence.config.heartbeat_interval;
+        self.persistence.poll_ready(cx, worker, interval)
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<Task<Vec<u8>>, Error>>> {
+        self.persistence.poll_next(cx, worker)
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Error>> {
+        self.persistence.poll_close(cx, worker)
+    }
+}
+
+impl BackendConfig for TenantStorage {
+    type Args = Group;
+    type Kind = Durable;
+    type Id = Ulid;
+    type Config = Config;
+    type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
+
+    fn config(&self) -> &Config {
+        &self.persistence.config
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        let batch = self.persistence.config.batch_size;
+        self.persistence
+            .layer(JsonCodec::<Value>::default(), batch)
+            .persist_results(false)
+            .lock_tasks(false)
+    }
+}
+
+impl WireFormatBackend for TenantStorage {
+    type Codec = GroupCodec;
+    type Compact = Vec<u8>;
+
+    fn codec(&self) -> &GroupCodec {
+        &self.codec
+    }
+}
+
+/// How one delivery of a job ended, as written back to its row: what apalis's own ack writes
+/// (`status`, `attempts`, `last_result` as `{"Ok": ..}` / `{"Err": ..}`, `done_at`), plus the
+/// retry's new `run_at` in the same statement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Ack {
+    /// Row id (the ULID).
+    pub id: String,
+    /// The worker that fetched it; a row since re-enqueued and taken by another is left alone.
+    pub worker: String,
+    /// `Done`, `Failed` or `Killed`.
+    pub status: &'static str,
+    /// The 1-based attempt that just ended.
+    pub attempt: u32,
+    /// `{"Ok": result}` or `{"Err": message}`.
+    pub result: Value,
+    /// For a failure that will be retried: fetch it again only after this many milliseconds.
+    pub retry_in_ms: Option<f64>,
+}
+
+/// The acks of every job that ended while the previous write was in flight, in one statement.
+const ACK: &str = "
+with d as (
+    select * from jsonb_to_recordset($1::jsonb)
+        as d(id text, worker text, status text, attempt integer, result jsonb,
+             retry_in_ms double precision)
+)
+update apalis.jobs j
+set status = d.status, attempts = d.attempt, last_result = d.result, done_at = now(),
+    run_at = case when d.retry_in_ms is null then j.run_at
+                  else now() + d.retry_in_ms * interval '1 millisecond' end
+from d
+where j.id = d.id and j.lock_by = d.worker";
+
+type AckReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+type AckItem = (Vec<Ack>, AckReply);
+
+/// Writes job outcomes back to the queue, batched: one writer per worker process takes every
+/// ack that arrived while its previous statement ran (group commit), so acks cost one round
+/// trip and one commit per batch and never wait behind the fetch, as apalis's own acks do in
+/// its backend's single state machine. A handler returns only once its ack is written, so a
+/// worker that stops has written every ack of the jobs it finished.
+#[derive(Debug)]
+pub(crate) struct Acker {
+    pool: PgPool,
+    writer: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<AckItem>>>,
+}
+
+impl Acker {
+    /// An acker writing through `pool` (the queue role's).
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            writer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Writes `acks` (with whatever else is waiting) and returns once they are committed.
+    ///
+    /// # Errors
+    /// Only when the outcomes cannot be encoded: database errors are retried until the write
+    /// succeeds (or nobody waits any more).
+    pub(crate) async fn ack(&self, acks: Vec<Ack>) -> Result<(), String> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        {
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let unsent = match writer.as_ref() {
+                Some(w) => w.send((acks, reply)).err().map(|e| e.0),
+                None => Some((acks, reply)),
+            };
+            if let Some(item) = unsent {
+                let (w, queue) = tokio::sync::mpsc::unbounded_channel();
+                let _ = w.send(item);
+                *writer = Some(w);
+                tokio::spawn(write_acks(self.pool.clone(), queue));
+            }
+        }
+        done.await
+            .unwrap_or_else(|_| Err("the ack writer stopped".into()))
+    }
+}
+
+async fn write_acks(pool: PgPool, mut queue: tokio::sync::mpsc::UnboundedReceiver<AckItem>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queue.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<&Ack> = batch.iter().flat_map(|(a, _)| a).collect();
+        let json = match serde_json::to_value(&rows) {
+            Ok(json) => json,
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+                continue;
+            }
+        };
+        // A database that went away must not lose an outcome: retry, backing off, for as long
+        // as some handler still waits for it (a worker cut off by its shutdown timeout stops
+        // waiting; `run` then releases its jobs, or orphan recovery does).
+        let mut pause = std::time::Duration::from_millis(50);
+        let written = loop {
+            match sqlx::query(ACK).bind(&json).execute(&pool).await {
+                Ok(_) => break Ok(()),
+                Err(e) if batch.iter().all(|(_, reply)| reply.is_closed()) => {
+                    break Err(e.to_string());
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, jobs = rows.len(), "could not record job outcomes in the queue; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        };
+        for (_, reply) in batch {
+            let _ = reply.send(written.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(id: &str, attempt: u32, payload: &[u8]) -> Delivery {
+        Delivery {
+            id: id.into(),
+            attempt,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_group_survives_its_wire_form_whatever_the_payloads_hold() {
+        let group = Group {
+            jobs: vec![
+                delivery("01J0000000000000000000000A", 1, b"{\"sig\":\"...\"}"),
+                delivery("01J0000000000000000000000B", 5, &[0, 255, 0, 10, 13]),
+                delivery("", 0, b""),
+            ],
+        };
+        let bytes = GroupCodec.encode(&group).unwrap();
+        assert_eq!(GroupCodec.decode(&bytes).unwrap(), group);
+        assert_eq!(GroupCodec.decode(&Vec::new()).unwrap(), Group::default());
+    }
+
+    #[test]
+    fn a_truncated_group_keeps_its_whole_jobs_and_drops_the_rest() {
+        let group = Group {
+            jobs: vec![delivery("a", 1, b"first"), delivery("b", 2, b"second")],
+        };
+        let bytes = GroupCodec.encode(&group).unwrap();
+        let first_len = 2 + 1 + 4 + 4 + 5;
+        for cut in first_len..bytes.len() {
+            let decoded = GroupCodec.decode(&bytes[..cut].to_vec()).unwrap();
+            assert_eq!(decoded.jobs, group.jobs[..1], "cut at {cut}");
+        }
+        for cut in 0..first_len {
+            assert!(
+                GroupCodec
+                    .decode(&bytes[..cut].to_vec())
+                    .unwrap()
+                    .jobs
+                    .is_empty()
+            );
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Rounds: short jobs of one tenant fetched together share one scoped transaction. These
+//! tests show that sharing changes nothing about what a job can see or what takes effect.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use tenant_worker::envelope::{JobId, TenantId};
+use tenant_worker::jobs::declared::Catalog;
+use tenant_worker::queue::NewJob;
+use tenant_worker::tenant::TenantTx;
+use uuid::Uuid;
+
+use crate::helpers::{TestDb, job_info, run_worker};
+
+async fn seed(app: &sqlx::PgPool, tenant: TenantId, n: usize) {
+    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+    for i in 0..n {
+        sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
+            .bind(tenant)
+            .bind(json!({"name": format!("Tower {i}"), "units": i}))
+            .execute(tx.conn().await.unwrap())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// Run records read as the superuser: job id -> (tenant, started_at, result).
+async fn runs(
+    admin: &sqlx::PgPool,
+) -> BTreeMap<
+    Uuid,
+    (
+        TenantId,
+        chrono::DateTime<chrono::Utc>,
+        Option<serde_json::Value>,
+    ),
+> {
+    let rows: Vec<(
+        Uuid,
+        TenantId,
+        chrono::DateTime<chrono::Utc>,
+        Option<serde_json::Value>,
+    )> = sqlx::query_as("select job_id, tenant_id, started_at, result from job_runs")
+        .fetch_all(admin)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|(j, t, s, r)| (j, (t, s, r)))
+        .collect()
+}
+
+/// `started_at` is the transaction's start: jobs that ran in one round share it.
+fn largest_round(
+    runs: &BTreeMap<
+        Uuid,
+        (
+            TenantId,
+            chrono::DateTime<chrono::Utc>,
+            Option<serde_json::Value>,
+        ),
+    >,
+    tenant: TenantId,
+) -> usize {
+    let mut by_start: BTreeMap<chrono::DateTime<chrono::Utc>, usize> = BTreeMap::new();
+    for (t, started, _) in runs.values() {
+        if *t == tenant {
+            *by_start.entry(*started).or_default() += 1;
+        }
+    }
+    by_start.values().copied().max().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn jobs_of_two_tenants_queued_together_share_rounds_and_each_sees_only_its_own_rows() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
+    let app = db.app().await;
+    seed(&app, a, 5).await;
+    seed(&app, b, 2).await;
+
+    // Interleaved, as a shared queue holds them: the fetch groups them by tenant.
+    let jobs: Vec<(TenantId, NewJob)> = (0..24)
+        .map(|i| {
+            let t = if i % 2 == 0 { a } else { b };
+            (t, NewJob::new("noop", json!({"count": true})))
+        })
+        .collect();
+    let tenants: Vec<TenantId> = jobs.iter().map(|(t, _)| *t).collect();
+    let ids: Vec<JobId> = db
+        .enqueuer()
+        .await
+        .enqueue_batch(jobs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    let summary = db.run_until_idle().await;
+    assert_eq!((summary.done, summary.failed, summary.rejected), (24, 0, 0));
+
+    let admin = db.admin().await;
+    let runs = runs(&admin).await;
+    assert_eq!(runs.len(), 24);
+    for (id, tenant) in ids.iter().zip(&tenants) {
+        let (run_tenant, _, result) = &runs[&id.0];
+        assert_eq!(run_tenant, tenant);
+        let expected = if *tenant == a { 5 } else { 2 };
+        assert_eq!(
+            result.as_ref(),
+            Some(&json!({ "records_visible": expected })),
+            "job {id} of tenant {tenant}"
+        );
+        assert_eq!(job_info(&db.queue().await, *id).await.state, "done");
+    }
+    // They did share: several jobs of a tenant in one transaction.
+    assert!(largest_round(&runs, a) >= 2, "{runs:#?}");
+    assert!(largest_round(&runs, b) >= 2, "{runs:#?}");
+}
+
+#[tokio::test]
+async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effect() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
+    let app = db.app().await;
+    seed(&app, a, 3).await;
+    seed(&app, b, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let declare = |name: &str, sql: &str| {
+        std::fs::write(
+            dir.path().join(format!("{name}.toml")),
+            format!(
+                "name = \"{name}\"\nkind = \"process\"\ndescription = \"test\"\nsql = \"\"\"\n{sql}\n\"\"\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    declare(
+        "mark_first",
+        "update records set data = data || '{\"first\": true}' where kind = 'property'",
+    );
+    // It updates rows too, then fails on its first row: its statement must be rolled back
+    // without taking the round's transaction down with it.
+    declare(
+        "break_rows",
+        "update records set data = data || jsonb_build_object('broken', 1 / (length(data ->> 'name') - length(data ->> 'name'))) where kind = 'property'",
+    );
+    declare(
+        "mark_second",
+        "update records set data = data || '{\"second\": true}' where kind = 'property'",
+    );
+    let catalog = Catalog::load(dir.path(), true).unwrap();
+    let enqueuer = db.enqueuer().await.with_catalog(Arc::new(catalog.clone()));
+    let ids = enqueuer
+        .enqueue_batch(
+            ["mark_first", "break_rows", "mark_second"]
+                .iter()
+                .map(|n| (a, NewJob::new("process", json!({ "name": n }))))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let (first, broken, second) = (ids[0].unwrap(), ids[1].unwrap(), ids[2].unwrap());
+    let summary = run_worker(&db, catalog).await;
+    assert_eq!((summary.done, summary.failed), (2, 1), "{summary:?}");
+
+    let queue = db.queue().await;
+    let info = job_info(&queue, broken).await;
+    assert_eq!(info.state, "dead", "{info:?}");
+    assert!(
+        info.error().unwrap().contains("division by zero"),
+        "{info:?}"
+    );
+    for id in [first, second] {
+        assert_eq!(job_info(&queue, id).await.state, "done");
+    }
+
+    let admin = db.admin().await;
+    let runs = runs(&admin).await;
+    assert!(
+        !runs.contains_key(&broken.0),
+        "the failed job left a run record"
+    );
+    let (started_first, started_second) = (runs[&first.0].1, runs[&second.0].1);
+    assert_eq!(
+        started_first, started_second,
+        "the two good jobs ran in one round, around the failing one"
+    );
+    // A's rows carry both good jobs' changes and none of the failing one's; B's are untouched.
+    let rows: Vec<(TenantId, serde_json::Value)> =
+        sqlx::query_as("select tenant_id, data from records order by tenant_id")
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    for (tenant, data) in rows {
+        if tenant == a {
+            assert_eq!(data["first"], json!(true), "{data}");
+            assert_eq!(data["second"], json!(true), "{data}");
+            assert!(data.get("broken").is_none(), "{data}");
+        } else {
+            assert_eq!(tenant, b);
+            assert!(
+                data.get("first").is_none() && data.get("second").is_none(),
+                "{data}"
+            );
+        }
+    }
+}
