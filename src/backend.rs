@@ -109,7 +109,12 @@ impl Group {
     /// The apalis task carrying `rows`, identified by its first job; `None` for no rows.
     fn task(rows: Vec<Row>) -> Option<Task<Vec<u8>>> {
         let first = rows.first()?;
-        let id = first.id.parse::<TaskId>().ok();
+        // apalis wants a task id; the group's is its first job's (any id if that one is not a
+        // ULID: the group's own id is never written anywhere).
+        let id = first
+            .id
+            .parse::<TaskId>()
+            .unwrap_or_else(|_| TaskId::from_ulid(Ulid::generate()));
         let queue = first.job_type.clone();
         let group = Group {
             jobs: rows
@@ -121,11 +126,12 @@ impl Group {
                 })
                 .collect(),
         };
-        let mut task = TaskBuilder::new(GroupCodec::encode_bytes(&group)).queue(queue.into());
-        if let Some(id) = id {
-            task = task.task_id(id);
-        }
-        Some(task.build())
+        Some(
+            TaskBuilder::new(GroupCodec::encode_bytes(&group))
+                .queue(queue.into())
+                .task_id(id)
+                .build(),
+        )
     }
 }
 
@@ -278,24 +284,11 @@ impl Persistence for TenantPersistence {
 
     async fn handle_events(
         &mut self,
-        events: Vec<TaskEvent<Value>>,
-        worker: &WorkerContext,
+        _events: Vec<TaskEvent<Value>>,
+        _worker: &WorkerContext,
     ) -> Result<(), Error> {
-        // The fetch already marked the rows `Running` (lock_tasks is off) and the worker writes
-        // its own acks ([`Acker`]; persist_results is off): apalis sends nothing. Kept for
-        // completeness, should it ever send acks.
-        let acks: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                TaskEvent::Complete(payload) => Some(payload),
-                _ => None,
-            })
-            .collect();
-        if acks.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.pool.acquire().await?;
-        queries::handle_results(&mut *conn, &acks, worker.name()).await?;
+        // None arrive: the fetch already marks rows `Running` (`lock_tasks` off) and the
+        // worker writes outcomes itself through [`Acker`] (`persist_results` off).
         Ok(())
     }
 
