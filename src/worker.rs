@@ -248,6 +248,10 @@ async fn handle(
             let Ok(_slot) = state.slots.acquire().await else {
                 return;
             };
+            // Cut off while it waited for a slot: `run` releases it to the queue.
+            if state.abort.is_cancelled() {
+                return;
+            }
             let ended = run_alone(state, ready).await;
             write_back(state, worker, vec![ended]).await;
         }));
@@ -360,6 +364,9 @@ async fn run_round_unit(state: &WorkerState, worker: &str, tenant: TenantId, mem
     let Ok(_slot) = state.slots.acquire().await else {
         return;
     };
+    if state.abort.is_cancelled() {
+        return;
+    }
     let jobs: Vec<crate::rounds::RoundJob> = members
         .iter()
         .map(|r| crate::rounds::RoundJob {
