@@ -8,10 +8,10 @@ use serde_json::json;
 use tenant_worker::envelope::{JobId, TenantId};
 use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::NewJob;
-use tenant_worker::tenant::TenantTx;
+use tenant_worker::tenant::{self, TenantTx};
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, job_info, run_worker};
+use crate::helpers::{TestDb, insert_signed, job_info, run_worker};
 
 async fn seed(app: &sqlx::PgPool, tenant: TenantId, n: usize) {
     let mut tx = TenantTx::begin(app, tenant).await.unwrap();
@@ -205,5 +205,61 @@ async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effec
                 "{data}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn jobs_of_a_suspended_or_unknown_tenant_are_rejected_as_a_round_and_touch_nothing() {
+    let db = TestDb::new().await;
+    let (a, c) = (db.tenant("Northwind").await, db.tenant("Cobalt").await);
+    let ghost = TenantId(Uuid::new_v4());
+    let app = db.app().await;
+    seed(&app, a, 2).await;
+    seed(&app, c, 2).await;
+    let admin = db.admin().await;
+    let mut suspended = Vec::new();
+    let mut unknown = Vec::new();
+    let mut fine = Vec::new();
+    for _ in 0..4 {
+        suspended.push(db.enqueue(c, "noop", json!({"count": true})).await);
+        unknown.push(insert_signed(&db, &admin, ghost, "noop", json!({})).await);
+        fine.push(db.enqueue(a, "noop", json!({"count": true})).await);
+    }
+    tenant::set_status(&admin, &db.settings.roles.owner, c, false)
+        .await
+        .unwrap();
+
+    let summary = db.run_until_idle().await;
+    assert_eq!(
+        (summary.done, summary.rejected, summary.failed),
+        (4, 8, 0),
+        "{summary:?}"
+    );
+    let queue = db.queue().await;
+    for (jobs, reason) in [
+        (&suspended, "tenant is suspended"),
+        (&unknown, "unknown tenant"),
+    ] {
+        for job in jobs {
+            let info = job_info(&queue, *job).await;
+            assert_eq!(
+                (info.state.as_str(), info.attempts),
+                ("rejected", 1),
+                "{info:?}"
+            );
+            assert!(info.error().unwrap().contains(reason), "{info:?}");
+        }
+    }
+    let runs = runs(&admin).await;
+    let expected: std::collections::BTreeSet<Uuid> = fine.iter().map(|j| j.0).collect();
+    assert_eq!(
+        runs.keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        expected,
+        "only the healthy tenant's jobs left run records"
+    );
+    for job in &fine {
+        assert_eq!(runs[&job.0].2, Some(json!({ "records_visible": 2 })));
     }
 }
