@@ -367,10 +367,14 @@ pub async fn migrate(settings: &Settings, urls: &DbUrls) -> Result<()> {
     Ok(())
 }
 
-/// Fixes three performance problems of apalis-postgres 1.0's schema. They are properties of the
-/// queue tables and functions, so every worker on this database gets them: ours and the
-/// benchmark's plain apalis-postgres baseline alike. Idempotent; `setup` applies them after
-/// every apalis migration run. Measured with 100,000 rows in `apalis.jobs` (`EXPLAIN ANALYZE`):
+/// Fixes three performance problems of apalis-postgres 1.0's schema, and adds the index our
+/// own fetch uses. They are properties of the queue tables and functions, so every worker on
+/// this database gets them: plain apalis-postgres workers (the benchmark's baseline) fetch with
+/// `apalis.get_jobs` and ack with `handle_result.sql`, which the first two fixes are about; ours
+/// ([`crate::backend`]) fetches by tenant through `apalis_jobs_tenant_fetch` (a partial index
+/// over runnable rows, so it is written only when a job is enqueued or retried) and writes its
+/// outcomes by primary key. Idempotent; `setup` applies them after every apalis migration run.
+/// Measured with 100,000 rows in `apalis.jobs` (`EXPLAIN ANALYZE`):
 ///
 /// - **The fetch's generic plan.** `apalis.get_jobs` is a SQL function, so PostgreSQL plans its
 ///   `UPDATE ... FROM (SELECT ... LIMIT $3 FOR UPDATE SKIP LOCKED)` with generic parameters,
