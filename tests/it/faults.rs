@@ -31,7 +31,7 @@ use tenant_worker::queue::{self, NewJob};
 use tenant_worker::{scheduler, tenant};
 use uuid::Uuid;
 
-use crate::helpers::{self, TestDb, stderr, stdout};
+use crate::helpers::{self, TestDb, enqueue_all, stderr, stdout};
 
 // ------------------------------------------------------------------------------------------
 // Harness: worker processes, their environment, ground truth
@@ -563,15 +563,7 @@ async fn kill_9_mid_export_mid_import_and_mid_a_thousand_jobs_then_each_takes_ef
         ));
     }
     let tenants: Vec<TenantId> = batch.iter().map(|(t, _)| *t).collect();
-    let ids: Vec<JobId> = db
-        .enqueuer()
-        .await
-        .enqueue_batch(batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|j| j.unwrap())
-        .collect();
+    let ids: Vec<JobId> = enqueue_all(&db.enqueuer().await, batch).await;
     let (import_job, export_job) = (ids[0], ids[1]);
     let small_ids = ids[2..].to_vec();
     let expected: HashMap<JobId, TenantId> = ids.iter().copied().zip(tenants).collect();
@@ -773,13 +765,7 @@ async fn worker_processes_survive_a_database_restart_and_finish_everything_once(
             .iter()
             .map(|(t, j)| (*t, j.kind == "export"))
             .collect();
-        let ids: Vec<JobId> = enqueuer
-            .enqueue_batch(batch)
-            .await
-            .expect("enqueue")
-            .into_iter()
-            .map(|j| j.unwrap())
-            .collect();
+        let ids: Vec<JobId> = enqueue_all(&enqueuer, batch).await;
         for (id, (t, is_export)) in ids.iter().zip(kinds) {
             expected.insert(*id, t);
             if is_export {
@@ -876,13 +862,7 @@ async fn worker_processes_survive_a_database_restart_and_finish_everything_once(
                 )
             })
             .collect();
-        let more: Vec<JobId> = enqueuer
-            .enqueue_batch(batch)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.unwrap())
-            .collect();
+        let more: Vec<JobId> = enqueue_all(&enqueuer, batch).await;
         for (i, j) in more.iter().enumerate() {
             expected.insert(*j, tenants[i % tenants.len()]);
         }
@@ -977,14 +957,7 @@ async fn three_worker_processes_share_ten_thousand_jobs_of_two_hundred_tenants_e
     let enqueuer = db.enqueuer().await;
     let mut ids = Vec::with_capacity(JOBS);
     for chunk in jobs.chunks(1_000) {
-        ids.extend(
-            enqueuer
-                .enqueue_batch(chunk.to_vec())
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|j| j.unwrap()),
-        );
+        ids.extend(enqueue_all(&enqueuer, chunk.to_vec()).await);
     }
     let expected: HashMap<JobId, TenantId> =
         ids.iter().copied().zip(meta.iter().map(|m| m.0)).collect();
@@ -1103,13 +1076,7 @@ async fn a_poison_job_backs_off_and_dies_while_others_flow_and_undecodable_paylo
                 )
             })
             .collect();
-        enqueuer
-            .enqueue_batch(batch)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.unwrap())
-            .collect()
+        enqueue_all(&enqueuer, batch).await
     };
 
     let poison = enqueuer
@@ -1326,25 +1293,12 @@ async fn fairness_smoke_ten_jobs_of_tenant_b_behind_five_thousand_of_tenant_a() 
         let batch = (0..1_000)
             .map(|_| (a, NewJob::new("noop", json!({}))))
             .collect();
-        a_jobs.extend(
-            enqueuer
-                .enqueue_batch(batch)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|j| j.unwrap()),
-        );
+        a_jobs.extend(enqueue_all(&enqueuer, batch).await);
     }
     let batch = (0..10)
         .map(|_| (b, NewJob::new("noop", json!({}))))
         .collect();
-    let b_jobs: Vec<JobId> = enqueuer
-        .enqueue_batch(batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|j| j.unwrap())
-        .collect();
+    let b_jobs: Vec<JobId> = enqueue_all(&enqueuer, batch).await;
     let start = db_now(&admin).await;
     let mut worker = rig.spawn(&["run", "--until-idle"], "fairness");
     let status = worker.wait(Duration::from_secs(400)).await;

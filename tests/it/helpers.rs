@@ -396,6 +396,32 @@ impl TestDb {
     }
 }
 
+/// Writes `n` property records ("Tower <i>") for `tenant` through a scoped transaction on the
+/// app role.
+pub async fn seed_towers(app: &PgPool, tenant: TenantId, n: usize) {
+    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+    for i in 0..n {
+        sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
+            .bind(tenant)
+            .bind(serde_json::json!({"name": format!("Tower {i}"), "units": i}))
+            .execute(tx.conn().await.unwrap())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// Enqueues `jobs` in one batch through `enqueuer`; every one must be new. Their ids, in order.
+pub async fn enqueue_all(enqueuer: &Enqueuer, jobs: Vec<(TenantId, NewJob)>) -> Vec<JobId> {
+    enqueuer
+        .enqueue_batch(jobs)
+        .await
+        .expect("enqueue")
+        .into_iter()
+        .map(|id| id.expect("a new job"))
+        .collect()
+}
+
 /// Signs a job with the test key and inserts it straight into the queue, the way
 /// `Enqueuer::enqueue_batch_in` does but without its validation (a caller that bypasses it).
 pub async fn insert_signed(

@@ -5,26 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::json;
-use tenant_worker::envelope::{JobId, TenantId};
+use tenant_worker::envelope::TenantId;
 use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::NewJob;
-use tenant_worker::tenant::{self, TenantTx};
+use tenant_worker::tenant;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, insert_signed, job_info, run_worker};
-
-async fn seed(app: &sqlx::PgPool, tenant: TenantId, n: usize) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
-    for i in 0..n {
-        sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
-            .bind(tenant)
-            .bind(json!({"name": format!("Tower {i}"), "units": i}))
-            .execute(tx.conn().await.unwrap())
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-}
+use crate::helpers::{TestDb, enqueue_all, insert_signed, job_info, run_worker, seed_towers};
 
 /// Run records read as the superuser: job id -> (tenant, started_at, result).
 async fn runs(
@@ -77,8 +64,8 @@ async fn jobs_of_two_tenants_queued_together_share_rounds_and_each_sees_only_its
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
     let app = db.app().await;
-    seed(&app, a, 5).await;
-    seed(&app, b, 2).await;
+    seed_towers(&app, a, 5).await;
+    seed_towers(&app, b, 2).await;
 
     // Interleaved, as a shared queue holds them: the fetch groups them by tenant.
     let jobs: Vec<(TenantId, NewJob)> = (0..24)
@@ -88,15 +75,7 @@ async fn jobs_of_two_tenants_queued_together_share_rounds_and_each_sees_only_its
         })
         .collect();
     let tenants: Vec<TenantId> = jobs.iter().map(|(t, _)| *t).collect();
-    let ids: Vec<JobId> = db
-        .enqueuer()
-        .await
-        .enqueue_batch(jobs)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Option::unwrap)
-        .collect();
+    let ids = enqueue_all(&db.enqueuer().await, jobs).await;
     let summary = db.run_until_idle().await;
     assert_eq!((summary.done, summary.failed, summary.rejected), (24, 0, 0));
 
@@ -124,8 +103,8 @@ async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effec
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
     let app = db.app().await;
-    seed(&app, a, 3).await;
-    seed(&app, b, 3).await;
+    seed_towers(&app, a, 3).await;
+    seed_towers(&app, b, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let declare = |name: &str, sql: &str| {
         std::fs::write(
@@ -152,16 +131,13 @@ async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effec
     );
     let catalog = Catalog::load(dir.path(), true).unwrap();
     let enqueuer = db.enqueuer().await.with_catalog(Arc::new(catalog.clone()));
-    let ids = enqueuer
-        .enqueue_batch(
-            ["mark_first", "break_rows", "mark_second"]
-                .iter()
-                .map(|n| (a, NewJob::new("process", json!({ "name": n }))))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    let (first, broken, second) = (ids[0].unwrap(), ids[1].unwrap(), ids[2].unwrap());
+    let jobs = ["mark_first", "break_rows", "mark_second"]
+        .iter()
+        .map(|n| (a, NewJob::new("process", json!({ "name": n }))))
+        .collect();
+    let [first, broken, second] = enqueue_all(&enqueuer, jobs).await[..] else {
+        panic!("three jobs");
+    };
     let summary = run_worker(&db, catalog).await;
     assert_eq!((summary.done, summary.failed), (2, 1), "{summary:?}");
 
@@ -214,8 +190,8 @@ async fn jobs_of_a_suspended_or_unknown_tenant_are_rejected_as_a_round_and_touch
     let (a, c) = (db.tenant("Northwind").await, db.tenant("Cobalt").await);
     let ghost = TenantId(Uuid::new_v4());
     let app = db.app().await;
-    seed(&app, a, 2).await;
-    seed(&app, c, 2).await;
+    seed_towers(&app, a, 2).await;
+    seed_towers(&app, c, 2).await;
     let admin = db.admin().await;
     let mut suspended = Vec::new();
     let mut unknown = Vec::new();

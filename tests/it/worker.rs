@@ -14,27 +14,14 @@ use tenant_worker::envelope::{
     self, Envelope, JobId, KeyId, Rejection, Signer, TenantId, Unsigned,
 };
 use tenant_worker::queue::{self, Enqueuer, NewJob};
-use tenant_worker::tenant::{self, TenantTx};
+use tenant_worker::tenant;
 use tenant_worker::worker::{self, RunOptions, Summary, WorkerState};
 use tenant_worker::{audit, config, db};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::helpers::seed_towers as seed;
 use crate::helpers::{self, TestDb, stderr, stdout};
-
-/// Writes `n` property records for `tenant` through a scoped transaction on the app role.
-async fn seed(app: &PgPool, tenant: TenantId, n: usize) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
-    for i in 0..n {
-        sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
-            .bind(tenant)
-            .bind(json!({"name": format!("Tower {i}"), "units": i}))
-            .execute(tx.conn().await.unwrap())
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-}
 
 /// Ground truth: the run records of a job, read as the superuser: (tenant, attempt, result).
 async fn runs_of(admin: &PgPool, job: JobId) -> Vec<(TenantId, i32, Option<serde_json::Value>)> {
