@@ -25,14 +25,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::FutureExt as _;
 use sqlx::{AssertSqlSafe, PgPool};
 use tracing::Instrument as _;
 
 use crate::envelope::{Rejection, TenantId};
 use crate::jobs::{JobContext, JobError, JobSpec};
 use crate::tenant::{self, Savepoint, TenantTx};
-use crate::worker::{ExecError, Outcome};
+use crate::worker::{ExecError, Outcome, within_limits};
 
 /// True for the kinds that may share a transaction with other jobs of their tenant: short,
 /// database-only work. Exports and imports write and read files and stream for long; rollups
@@ -65,7 +64,7 @@ pub(crate) struct RoundJob {
 pub(crate) async fn run_round(
     pool: &PgPool,
     tenant: TenantId,
-    jobs: &[RoundJob],
+    jobs: &[&RoundJob],
 ) -> Vec<RoundResult> {
     let mut results: Vec<RoundResult> = (0..jobs.len()).map(|_| None).collect();
     // The same job twice (a redelivery racing the first delivery): the later one is a
@@ -137,32 +136,21 @@ pub(crate) async fn run_round(
     let mut done: Vec<(usize, serde_json::Value)> = Vec::new();
     let mut failed: Vec<(usize, JobError)> = Vec::new();
     for (n, &i) in runnable.iter().enumerate() {
-        let job = &jobs[i];
+        let job = jobs[i];
         tx.set_savepoint(Savepoint::Pending(n as u32));
-        let body = std::panic::AssertUnwindSafe(job.spec.run(&mut tx, &job.ctx)).catch_unwind();
-        let result = tokio::time::timeout(job.timeout, body)
+        let result = within_limits(job.timeout, job.spec.run(&mut tx, &job.ctx))
             .instrument(job.span.clone())
             .await;
         let savepoint = tx.set_savepoint(Savepoint::None);
         // `cut_off`: timed out or panicked, maybe mid-statement.
         let (error, cut_off) = match result {
-            Ok(Ok(Ok(mut out))) => {
+            Ok(Ok(mut out)) => {
                 crate::worker::scrub_json(&mut out);
                 done.push((i, out));
                 continue;
             }
-            Ok(Ok(Err(error))) => (error, false),
-            Ok(Err(panic)) => (
-                JobError::Fatal(format!(
-                    "job panicked: {}",
-                    crate::worker::panic_message(&panic)
-                )),
-                true,
-            ),
-            Err(_) => (
-                JobError::Retryable(format!("timed out after {}s", job.timeout.as_secs())),
-                true,
-            ),
+            Ok(Err(error)) => (error, false),
+            Err(error) => (error, true),
         };
         let clean = match savepoint {
             // It failed on its own terms: its statements finished; undo them.

@@ -34,6 +34,7 @@ use crate::envelope::{JobId, Keyring, Rejection, TenantId};
 use crate::jobs::declared::Catalog;
 use crate::jobs::{JobContext, JobError, JobSpec};
 use crate::queue::REJECTED_PREFIX;
+use crate::rounds::RoundJob;
 use crate::tenant::TenantTx;
 
 /// Errors that stop [`run`] (everything else is logged and survived).
@@ -182,14 +183,11 @@ pub fn backoff_delay(settings: &WorkerSettings, attempt: u32) -> Duration {
     Duration::from_millis(raw - half + jitter)
 }
 
-/// A verified job, ready to run.
+/// A verified job, ready to run alone or in a round.
 struct Ready {
     delivery: Delivery,
-    span: tracing::Span,
     tenant: TenantId,
-    spec: JobSpec,
-    ctx: JobContext,
-    timeout: Duration,
+    job: RoundJob,
 }
 
 /// What one job's delivery ended with: the outcome reported for it, when to retry it, and
@@ -222,7 +220,7 @@ async fn handle(
     let mut alone = Vec::new();
     for delivery in group.jobs {
         match prepare(state, delivery) {
-            Ok(ready) if crate::rounds::shares_rounds(&ready.spec) => {
+            Ok(ready) if crate::rounds::shares_rounds(&ready.job.spec) => {
                 match rounds.iter_mut().find(|(t, _)| *t == ready.tenant) {
                     Some((_, members)) => members.push(ready),
                     None => rounds.push((ready.tenant, vec![ready])),
@@ -306,11 +304,13 @@ fn prepare(state: &WorkerState, delivery: Delivery) -> Result<Ready, Ended> {
     drop(_enter);
     Ok(Ready {
         delivery,
-        span,
         tenant: verified.tenant_id,
-        spec,
-        ctx,
-        timeout,
+        job: RoundJob {
+            spec,
+            ctx,
+            timeout,
+            span,
+        },
     })
 }
 
@@ -318,29 +318,19 @@ fn prepare(state: &WorkerState, delivery: Delivery) -> Result<Ready, Ended> {
 async fn run_alone(state: &WorkerState, ready: Ready) -> Ended {
     let Ready {
         delivery,
-        span,
         tenant,
-        spec,
-        ctx,
-        timeout,
+        job:
+            RoundJob {
+                spec,
+                ctx,
+                timeout,
+                span,
+            },
     } = ready;
     async {
-        // A panicking job must not take the worker down or stay "running": it becomes a
-        // permanent failure with the panic message (a panic is a bug, not a hiccup).
-        let guarded = std::panic::AssertUnwindSafe(execute(&state.app_pool, tenant, &spec, &ctx))
-            .catch_unwind();
+        let run = within_limits(timeout, execute(&state.app_pool, tenant, &spec, &ctx));
         let result = tokio::select! {
-            r = tokio::time::timeout(timeout, guarded) => match r {
-                Ok(Ok(r)) => r,
-                Ok(Err(panic)) => Err(ExecError::Job(JobError::Fatal(format!(
-                    "job panicked: {}",
-                    panic_message(&panic)
-                )))),
-                Err(_) => Err(ExecError::Job(JobError::Retryable(format!(
-                    "timed out after {}s",
-                    timeout.as_secs()
-                )))),
-            },
+            r = run => r.unwrap_or_else(|e| Err(ExecError::Job(e))),
             () = state.abort.cancelled() => {
                 tracing::warn!("job cut off by the shutdown timeout; its transaction rolls back");
                 return Ended {
@@ -367,15 +357,7 @@ async fn run_round_unit(state: &WorkerState, worker: &str, tenant: TenantId, mem
     if state.abort.is_cancelled() {
         return;
     }
-    let jobs: Vec<crate::rounds::RoundJob> = members
-        .iter()
-        .map(|r| crate::rounds::RoundJob {
-            spec: r.spec.clone(),
-            ctx: r.ctx.clone(),
-            timeout: r.timeout,
-            span: r.span.clone(),
-        })
-        .collect();
+    let jobs: Vec<&RoundJob> = members.iter().map(|r| &r.job).collect();
     let results = tokio::select! {
         r = crate::rounds::run_round(&state.app_pool, tenant, &jobs) => r,
         () = state.abort.cancelled() => {
@@ -390,7 +372,7 @@ async fn run_round_unit(state: &WorkerState, worker: &str, tenant: TenantId, mem
     for (ready, result) in members.into_iter().zip(results) {
         match result {
             Some(result) => {
-                let span = ready.span.clone();
+                let span = ready.job.span.clone();
                 ended.push(span.in_scope(|| finish(state, ready.delivery, result)));
             }
             None => again.push(ready),
@@ -399,6 +381,27 @@ async fn run_round_unit(state: &WorkerState, worker: &str, tenant: TenantId, mem
     let again = futures::future::join_all(again.into_iter().map(|r| run_alone(state, r)));
     ended.extend(again.await);
     write_back(state, worker, ended).await;
+}
+
+/// Runs a job's future within its time limit. A panic must not take the worker down or leave
+/// the job "running": it becomes a permanent failure with the panic message (a panic is a bug,
+/// not a hiccup); the limit is a retryable failure. `Err` also tells the caller that the body
+/// was cut short, possibly in the middle of a statement.
+pub(crate) async fn within_limits<T>(
+    timeout: Duration,
+    body: impl Future<Output = T>,
+) -> Result<T, JobError> {
+    match tokio::time::timeout(timeout, std::panic::AssertUnwindSafe(body).catch_unwind()).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(panic)) => Err(JobError::Fatal(format!(
+            "job panicked: {}",
+            panic_message(&panic)
+        ))),
+        Err(_) => Err(JobError::Retryable(format!(
+            "timed out after {}s",
+            timeout.as_secs()
+        ))),
+    }
 }
 
 /// Classifies one job's result (counting and logging it in its span) into what is written back.
@@ -496,7 +499,7 @@ fn ack_of(
 #[error("{0}")]
 struct JobFailed(String);
 
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
