@@ -1,6 +1,8 @@
--- Completes the run records of a round: several jobs of one tenant that shared one scoped
--- transaction (src/rounds.rs). Like complete_job_run it is also the check that no job changed
--- the tenant context, and it is sent together with COMMIT, so when it raises nothing commits.
+-- Completes the run records of the jobs of one scoped transaction: several jobs of one tenant
+-- in a round (src/rounds.rs), or a job that ran alone. Like complete_job_run before it, it is
+-- also the check that no job changed the tenant context, and it is sent together with COMMIT,
+-- so when it raises nothing commits. Compared as text, so a garbage value in app.tenant_id is
+-- reported as a changed context rather than as a cast error.
 --
 -- p_done: [{"job_id": <uuid>, "result": <jsonb>}, ...] for the jobs that succeeded; p_failed:
 -- the jobs that failed, whose work was rolled back to their savepoints and whose claimed run
@@ -30,3 +32,7 @@ begin
     end if;
     delete from public.job_runs where tenant_id = p_tenant and job_id = any(p_failed);
 end $$;
+
+-- A job that runs alone completes through the same function (a round of one), so the
+-- one-job version has no caller left.
+drop function public.complete_job_run(uuid, uuid, jsonb);

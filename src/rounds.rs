@@ -20,15 +20,18 @@
 //! the whole round back and every job that had not failed on its own runs again **alone**, on
 //! the ordinary one-job path, which finds the culprit and lets the others finish.
 //!
-//! Only short, database-only kinds share rounds ([`shares_rounds`]).
+//! Only short, database-only kinds share rounds ([`shares_rounds`]). A job that runs alone
+//! claims and completes its run record through the same two statements ([`begin_and_claim`],
+//! [`complete_statement`]), as a round of one without savepoints.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgPool};
 use tracing::Instrument as _;
+use uuid::Uuid;
 
-use crate::envelope::{Rejection, TenantId};
+use crate::envelope::{JobId, Rejection, TenantId};
 use crate::jobs::{JobContext, JobError, JobSpec};
 use crate::tenant::{self, Savepoint, TenantTx};
 use crate::worker::{ExecError, Outcome, within_limits};
@@ -78,55 +81,26 @@ pub(crate) async fn run_round(
             results[i] = Some(Ok(Outcome::Duplicate));
         }
     }
-    let t = tenant.0.hyphenated();
-    let values: Vec<String> = members
-        .iter()
-        .map(|&i| {
-            let job = &jobs[i];
-            format!(
-                "('{}'::uuid, '{}', {})",
-                job.ctx.job_id.0.hyphenated(),
-                job.spec.kind(),
-                job.ctx.attempt
-            )
-        })
-        .collect();
-    // Every value inlined here is one this crate formatted: UUIDs, kind names from a fixed
-    // set, integers.
-    let claim = format!(
-        "with t as (select status from tenants where id = '{t}'),
-              ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
-                      select '{t}', j.id, j.kind, j.attempt
-                      from t, (values {values}) as j(id, kind, attempt)
-                      where t.status = 'active'
-                      on conflict do nothing
-                      returning job_id)
-         select (select status from t) as status,
-                coalesce((select string_agg(job_id::text, ',') from ins), '') as claimed",
-        values = values.join(", "),
-    );
-    // On failure each job finds out for itself, alone.
-    let Ok((mut tx, Some(row))) = TenantTx::begin_then(pool, tenant, Some(&claim)).await else {
-        return results;
-    };
-    let status: Option<String> = sqlx::Row::try_get(&row, "status").unwrap_or(None);
-    let claimed: String = sqlx::Row::try_get(&row, "claimed").unwrap_or_default();
-    let rejection = match status.as_deref() {
-        None => Some(Rejection::UnknownTenant),
-        Some("active") => None,
-        Some(_) => Some(Rejection::SuspendedTenant),
-    };
-    if let Some(r) = rejection {
-        let _ = tx.rollback().await;
-        for i in members {
-            results[i] = Some(Err(ExecError::Rejected(r.clone())));
+    let claim = begin_and_claim(
+        pool,
+        tenant,
+        members.iter().map(|&i| (&jobs[i].spec, &jobs[i].ctx)),
+    )
+    .await;
+    let (mut tx, claimed) = match claim {
+        Ok(claimed) => claimed,
+        Err(ExecError::Rejected(r)) => {
+            for i in members {
+                results[i] = Some(Err(ExecError::Rejected(r.clone())));
+            }
+            return results;
         }
-        return results;
-    }
-    let claimed: HashSet<&str> = claimed.split(',').filter(|s| !s.is_empty()).collect();
+        // Each job finds out for itself, alone.
+        Err(ExecError::Job(_)) => return results,
+    };
     let mut runnable = Vec::with_capacity(members.len());
     for i in members {
-        if claimed.contains(jobs[i].ctx.job_id.0.hyphenated().to_string().as_str()) {
+        if claimed.contains(&jobs[i].ctx.job_id.0) {
             runnable.push(i);
         } else {
             results[i] = Some(Ok(Outcome::Duplicate));
@@ -175,18 +149,10 @@ pub(crate) async fn run_round(
         failed.push((i, error));
     }
 
-    let outs: Vec<serde_json::Value> = done
-        .iter()
-        .map(|(i, out)| serde_json::json!({ "job_id": jobs[*i].ctx.job_id.0, "result": out }))
-        .collect();
-    let failed_ids: Vec<String> = failed
-        .iter()
-        .map(|(i, _)| format!("'{}'::uuid", jobs[*i].ctx.job_id.0.hyphenated()))
-        .collect();
-    let complete = format!(
-        "select public.complete_job_runs('{t}', {}::jsonb, array[{}]::uuid[])",
-        tenant::dollar_quote(&serde_json::Value::Array(outs).to_string()),
-        failed_ids.join(", "),
+    let complete = complete_statement(
+        tenant,
+        done.iter().map(|(i, out)| (jobs[*i].ctx.job_id, out)),
+        failed.iter().map(|(i, _)| jobs[*i].ctx.job_id),
     );
     // A job changed the tenant context, or the commit failed: none of it happened, and each
     // job runs again alone (the failed ones too, which are rolled back either way).
@@ -199,4 +165,85 @@ pub(crate) async fn run_round(
         }
     }
     results
+}
+
+/// Begins a scoped transaction for `tenant` and, in the same round trip, checks the tenant and
+/// claims the run records of `jobs`. Returns the transaction and the ids it claimed: a job
+/// whose record already exists (a redelivery) is not among them, and a second delivery
+/// running concurrently waits here for the first to commit. Under RLS the app role sees only
+/// this tenant's row of `tenants`, so "no row" means an unknown tenant.
+///
+/// # Errors
+/// [`ExecError::Rejected`] for an unknown or suspended tenant (rolled back), or the database
+/// error.
+pub(crate) async fn begin_and_claim<'a>(
+    pool: &PgPool,
+    tenant: TenantId,
+    jobs: impl Iterator<Item = (&'a JobSpec, &'a JobContext)>,
+) -> Result<(TenantTx, HashSet<Uuid>), ExecError> {
+    let t = tenant.0.hyphenated();
+    let values: Vec<String> = jobs
+        .map(|(spec, ctx)| {
+            format!(
+                "('{}'::uuid, '{}', {})",
+                ctx.job_id.0.hyphenated(),
+                spec.kind(),
+                ctx.attempt
+            )
+        })
+        .collect();
+    // Every value inlined here is one this crate formatted: UUIDs, kind names from a fixed
+    // set, integers.
+    let claim = format!(
+        "with t as (select status from tenants where id = '{t}'),
+              ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
+                      select '{t}', j.id, j.kind, j.attempt
+                      from t, (values {values}) as j(id, kind, attempt)
+                      where t.status = 'active'
+                      on conflict do nothing
+                      returning job_id)
+         select (select status from t) as status,
+                coalesce((select string_agg(job_id::text, ',') from ins), '') as claimed",
+        values = values.join(", "),
+    );
+    let (tx, row) = TenantTx::begin_then(pool, tenant, Some(&claim)).await?;
+    let row = row.ok_or(sqlx::Error::RowNotFound)?;
+    let status: Option<String> = sqlx::Row::try_get(&row, "status")?;
+    let claimed: String = sqlx::Row::try_get(&row, "claimed")?;
+    let rejection = match status.as_deref() {
+        None => Rejection::UnknownTenant,
+        Some("active") => {
+            let ids = claimed
+                .split(',')
+                .filter_map(|id| id.parse().ok())
+                .collect();
+            return Ok((tx, ids));
+        }
+        Some(_) => Rejection::SuspendedTenant,
+    };
+    let _ = tx.rollback().await;
+    Err(ExecError::Rejected(rejection))
+}
+
+/// The statement that ends a scoped transaction's jobs, sent with `COMMIT`:
+/// `public.complete_job_runs` completes the run records of the jobs `done` (with their
+/// results), drops those of the jobs that `failed` (their work was rolled back to their
+/// savepoints) and raises when the tenant context changed, so that the `COMMIT` never runs.
+pub(crate) fn complete_statement<'a>(
+    tenant: TenantId,
+    done: impl Iterator<Item = (JobId, &'a serde_json::Value)>,
+    failed: impl Iterator<Item = JobId>,
+) -> String {
+    let outs: Vec<serde_json::Value> = done
+        .map(|(id, out)| serde_json::json!({ "job_id": id.0, "result": out }))
+        .collect();
+    let failed: Vec<String> = failed
+        .map(|id| format!("'{}'::uuid", id.0.hyphenated()))
+        .collect();
+    format!(
+        "select public.complete_job_runs('{}', {}::jsonb, array[{}]::uuid[])",
+        tenant.0.hyphenated(),
+        tenant::dollar_quote(&serde_json::Value::Array(outs).to_string()),
+        failed.join(", "),
+    )
 }

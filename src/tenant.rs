@@ -159,7 +159,7 @@ impl Drop for TenantTx {
     }
 }
 
-/// SQLSTATE raised by `public.complete_job_run` when the tenant context changed.
+/// SQLSTATE raised by `public.complete_job_runs` when the tenant context changed.
 const CONTEXT_CHANGED: &str = "TW001";
 
 impl TenantTx {
@@ -274,7 +274,7 @@ impl TenantTx {
 
     /// Runs `last` and commits, in one round trip. When `last` fails nothing is committed
     /// (the server skips the rest of the message) and the transaction is rolled back. The
-    /// worker's `last` completes the run record through `public.complete_job_run`, which is
+    /// worker's `last` completes the run records through `public.complete_job_runs`, which is
     /// also the tenant-context check: its refusal comes back as [`Error::ContextTampered`].
     ///
     /// # Errors

@@ -35,7 +35,6 @@ use crate::jobs::declared::Catalog;
 use crate::jobs::{JobContext, JobError, JobSpec};
 use crate::queue::REJECTED_PREFIX;
 use crate::rounds::RoundJob;
-use crate::tenant::TenantTx;
 
 /// Errors that stop [`run`] (everything else is logged and survived).
 ///
@@ -51,7 +50,7 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything a job handler needs. Job bodies only ever see a [`TenantTx`] from it.
+/// Everything a job handler needs. Job bodies only ever see a [`crate::tenant::TenantTx`] from it.
 #[derive(Clone)]
 pub struct WorkerState {
     app_pool: PgPool,
@@ -549,36 +548,9 @@ async fn execute(
     spec: &JobSpec,
     ctx: &JobContext,
 ) -> Result<Outcome, ExecError> {
-    let (t, j) = (tenant.0.hyphenated(), ctx.job_id.0.hyphenated());
-    // Under RLS the app role sees only this tenant's row of `tenants`, so "no row" means
-    // unknown tenant. The run record is claimed in the same statement: a second delivery of
-    // the same job waits here for the first to commit, then finds the record and does nothing.
-    let claim = format!(
-        "with t as (select status from tenants where id = '{t}'),
-              ins as (insert into job_runs (tenant_id, job_id, kind, attempt)
-                      select '{t}', '{j}', '{kind}', {attempt} from t where t.status = 'active'
-                      on conflict do nothing
-                      returning 1)
-         select (select status from t) as status, exists(select 1 from ins) as claimed",
-        kind = spec.kind(),
-        attempt = ctx.attempt,
-    );
-    let (mut tx, row) = TenantTx::begin_then(pool, tenant, Some(&claim)).await?;
-    let row = row.ok_or_else(|| sqlx::Error::RowNotFound)?;
-    let status: Option<String> = sqlx::Row::try_get(&row, "status")?;
-    let claimed: bool = sqlx::Row::try_get(&row, "claimed")?;
-    match status.as_deref() {
-        None => {
-            let _ = tx.rollback().await;
-            return Err(ExecError::Rejected(Rejection::UnknownTenant));
-        }
-        Some("active") => {}
-        Some(_) => {
-            let _ = tx.rollback().await;
-            return Err(ExecError::Rejected(Rejection::SuspendedTenant));
-        }
-    }
-    if !claimed {
+    let (mut tx, claimed) =
+        crate::rounds::begin_and_claim(pool, tenant, std::iter::once((spec, ctx))).await?;
+    if claimed.is_empty() {
         let _ = tx.rollback().await;
         return Ok(Outcome::Duplicate);
     }
@@ -593,13 +565,13 @@ async fn execute(
         }
     };
     // Completing the run record doubles as the tenant-context check: if the job switched
-    // app.tenant_id, `complete_job_run` raises, the COMMIT sent with it is skipped and the work
-    // is rolled back.
-    let complete = format!(
-        "select public.complete_job_run('{t}', '{j}', {}::jsonb)",
-        crate::tenant::dollar_quote(&out.to_string())
+    // app.tenant_id, `complete_job_runs` raises, the COMMIT sent with it is skipped and the
+    // work is rolled back. A refusal comes back as `ContextTampered`, a permanent failure.
+    let complete = crate::rounds::complete_statement(
+        tenant,
+        std::iter::once((ctx.job_id, &out)),
+        std::iter::empty(),
     );
-    // A refusal comes back as `ContextTampered`, which is a permanent failure.
     tx.commit_after(&complete).await?;
     Ok(Outcome::Done(out))
 }
