@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -56,6 +55,28 @@ pub struct Settings {
     pub imports: ImportSettings,
     /// Where declared jobs are read from.
     pub jobs: JobsSettings,
+    /// Per-kind policy overrides, by kind name (`[kinds.export] timeout_secs = 3600`): they
+    /// win over the kind's own defaults.
+    pub kinds: BTreeMap<String, KindSettings>,
+}
+
+/// Overrides of one job kind's policy. Every field is optional; what is unset comes from the
+/// kind itself, then from `[worker]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct KindSettings {
+    /// How long one run may take.
+    pub timeout_secs: Option<u64>,
+    /// Attempts before a failing job is dead (stored with each job at enqueue).
+    pub max_attempts: Option<u32>,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub backoff_base_ms: Option<u64>,
+    /// Upper bound of the retry delay.
+    pub backoff_max_ms: Option<u64>,
+    /// Whether short jobs of this kind may share a transaction with other such jobs of their
+    /// tenant (`false` turns rounds off for the kind; `true` cannot turn them on for a kind
+    /// that does not allow it).
+    pub shares_rounds: Option<bool>,
 }
 
 /// Export output.
@@ -99,17 +120,12 @@ pub struct JobsSettings {
 }
 
 impl JobsSettings {
-    /// Loads the declared-job catalog.
-    ///
-    /// # Errors
-    /// The first file that does not validate (file and reason), or a configured folder that
-    /// cannot be read.
-    pub fn catalog(
-        &self,
-    ) -> Result<crate::jobs::declared::Catalog, crate::jobs::declared::LoadError> {
+    /// The folder to load declared jobs from, and whether it must exist: the configured
+    /// folder (required), else `./jobs` (used when present).
+    pub fn source(&self) -> (&Path, bool) {
         match &self.dir {
-            Some(dir) => crate::jobs::declared::Catalog::load(dir, true),
-            None => crate::jobs::declared::Catalog::load(Path::new("jobs"), false),
+            Some(dir) => (dir, true),
+            None => (Path::new("jobs"), false),
         }
     }
 }
@@ -227,10 +243,8 @@ pub struct WorkerSettings {
     pub missed_heartbeats: usize,
     /// On SIGTERM/SIGINT, how long in-flight jobs may take to finish.
     pub shutdown_timeout_secs: u64,
-    /// Default per-job timeout.
+    /// Default per-job timeout (a kind may set its own; `[kinds.<kind>]` overrides both).
     pub job_timeout_secs: u64,
-    /// Per-kind timeouts overriding `job_timeout_secs`: `export = 3600`.
-    pub timeouts: BTreeMap<String, u64>,
     /// Largest accepted job payload in bytes (envelope included).
     pub max_payload_bytes: usize,
     /// Refuse to start when the security audit fails (keep this on).
@@ -251,22 +265,9 @@ impl Default for WorkerSettings {
             missed_heartbeats: 3,
             shutdown_timeout_secs: 30,
             job_timeout_secs: 300,
-            timeouts: BTreeMap::new(),
             max_payload_bytes: 256 * 1024,
             audit_on_start: true,
         }
-    }
-}
-
-impl WorkerSettings {
-    /// The timeout for one run of a job of `kind`.
-    pub fn timeout_for(&self, kind: &str) -> Duration {
-        Duration::from_secs(
-            self.timeouts
-                .get(kind)
-                .copied()
-                .unwrap_or(self.job_timeout_secs),
-        )
     }
 }
 
@@ -398,13 +399,13 @@ impl Settings {
             });
         }
         if let Some(kid) = &self.keys.signing_key_id {
-            crate::envelope::KeyId::parse(kid).map_err(|e| Error::Invalid {
+            crate::ids::KeyId::parse(kid).map_err(|e| Error::Invalid {
                 key: "keys.signing_key_id",
                 reason: e.to_string(),
             })?;
         }
         for kid in self.keys.verifying.keys() {
-            crate::envelope::KeyId::parse(kid).map_err(|e| Error::Invalid {
+            crate::ids::KeyId::parse(kid).map_err(|e| Error::Invalid {
                 key: "keys.verifying",
                 reason: e.to_string(),
             })?;

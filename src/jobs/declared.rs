@@ -202,8 +202,8 @@ pub fn parse_declared(file: &Path, text: &str) -> Result<Declared, LoadError> {
         DeclaredKind::Process => check_data_statement(&raw.sql).map_err(err)?,
     };
     if let Some(s) = &raw.schedule {
-        crate::scheduler::parse_cron(&s.cron).map_err(|e| err(e.to_string()))?;
-        crate::scheduler::parse_tz(&s.tz).map_err(|e| err(e.to_string()))?;
+        crate::schedule::cron::parse_cron(&s.cron).map_err(|e| err(e.to_string()))?;
+        crate::schedule::cron::parse_tz(&s.tz).map_err(|e| err(e.to_string()))?;
     }
     Ok(Declared {
         name: raw.name,

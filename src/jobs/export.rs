@@ -20,9 +20,11 @@ use futures::TryStreamExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::sync::Arc;
+
 use super::declared::{Catalog, DeclaredKind, is_valid_name};
-use super::{Classify as _, Job, JobContext, JobError};
-use crate::tenant::TenantTx;
+use crate::job::{Classify as _, JobContext, JobError, TenantJob};
+use crate::scope::ScopedTx;
 
 /// Built-in views.
 pub const VIEWS: &[&str] = &["v_property", "v_customer", "v_invoice"];
@@ -48,10 +50,24 @@ impl Format {
     }
 }
 
+/// The `export` kind: writes under one folder, knows the named exports of a [`Catalog`].
+#[derive(Debug, Clone)]
+pub struct Export {
+    catalog: Arc<Catalog>,
+    dir: PathBuf,
+}
+
+impl Export {
+    /// Exports into `<dir>/<tenant id>/<source>/`, with the named exports of `catalog`.
+    pub fn new(catalog: Arc<Catalog>, dir: PathBuf) -> Self {
+        Self { catalog, dir }
+    }
+}
+
 /// Arguments of `export`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Export {
+pub struct ExportArgs {
     /// A view (`v_property`, ...), a record kind (`property`, ...) or a named export.
     pub source: String,
     /// Output format (default: the named export's, else csv).
@@ -63,10 +79,6 @@ pub struct Export {
     /// Only rows updated at or after this time (views and kinds only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<DateTime<Utc>>,
-}
-
-impl Job for Export {
-    const KIND: &'static str = "export";
 }
 
 /// What an export wrote (also the manifest's content).
@@ -96,8 +108,8 @@ pub struct Manifest {
     pub finished_at: DateTime<Utc>,
 }
 
-impl Export {
-    pub(super) fn validate(&self, catalog: &Catalog) -> Result<(), String> {
+impl ExportArgs {
+    fn validate(&self, catalog: &Catalog) -> Result<(), String> {
         if !is_valid_name(&self.source) {
             return Err(format!(
                 "source `{}` is not a valid name",
@@ -167,18 +179,29 @@ impl Export {
         }
         match catalog.get(&self.source) {
             Some(d) if d.kind == DeclaredKind::Export => Ok((d.sql.clone(), true)),
-            _ => Err(JobError::Fatal(format!("unknown source `{}`", self.source))),
+            _ => Err(JobError::Fail(format!("unknown source `{}`", self.source))),
         }
     }
+}
 
-    pub(super) async fn run(
+impl TenantJob for Export {
+    const KIND: &'static str = "export";
+    type Args = ExportArgs;
+    type Output = serde_json::Value;
+
+    fn validate(&self, args: &ExportArgs) -> Result<(), String> {
+        args.validate(&self.catalog)
+    }
+
+    async fn run(
         &self,
-        tx: &mut TenantTx,
+        tx: &mut ScopedTx,
         ctx: &JobContext,
+        args: ExportArgs,
     ) -> Result<serde_json::Value, JobError> {
         let started_at = Utc::now();
-        let format = self.format(&ctx.catalog);
-        let (query, declared) = self.query(&ctx.catalog)?;
+        let format = args.format(&self.catalog);
+        let (query, declared) = args.query(&self.catalog)?;
         let copy = match format {
             Format::Csv => format!("copy ({query}) to stdout with (format csv, header true)"),
             // CSV with quote and delimiter characters JSON never contains unescaped: each line
@@ -189,12 +212,12 @@ impl Export {
             ),
         };
         let tenant = tx.tenant_id().to_string();
-        let job = ctx.job_id.to_string();
-        let dir = ctx.exports_dir.join(&tenant).join(&self.source);
+        let job = ctx.job_id().to_string();
+        let dir = self.dir.join(&tenant).join(&args.source);
         let name = format!(
             "{job}.{}{}",
             format.ext(),
-            if self.gzip { ".gz" } else { "" }
+            if args.gzip { ".gz" } else { "" }
         );
         std::fs::create_dir_all(&dir).retryable()?;
         remove_stale_temps(&dir, &job);
@@ -213,7 +236,7 @@ impl Export {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
         let writer = {
             let temp = temp.clone();
-            let gzip = self.gzip;
+            let gzip = args.gzip;
             tokio::task::spawn_blocking(move || write_file(&temp, gzip, format, receiver))
         };
         let streamed = async {
@@ -240,20 +263,14 @@ impl Export {
         }
         .await;
         drop(sender);
-        let written = writer
-            .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        let written = writer.await.map_err(|e| JobError::retry(e.to_string()))?;
         let cleanup = |e: JobError| {
             let _ = std::fs::remove_file(&temp);
             e
         };
         streamed.map_err(|e| cleanup(e.into()))?;
-        let (rows, bytes, sha256) = written.map_err(|e| {
-            cleanup(JobError::Retryable(format!(
-                "writing {}: {e}",
-                temp.display()
-            )))
-        })?;
+        let (rows, bytes, sha256) = written
+            .map_err(|e| cleanup(JobError::retry(format!("writing {}: {e}", temp.display()))))?;
         // The file becomes visible only if the tenant context is still this job's. Checked
         // before leaving the savepoint, whose rollback would undo a change and hide it.
         tx.check_context().await.map_err(|e| cleanup(e.into()))?;
@@ -264,14 +281,14 @@ impl Export {
                 .map_err(|e| cleanup(e.into()))?;
         }
         let path = dir.join(&name);
-        std::fs::rename(&temp, &path).map_err(|e| cleanup(JobError::Retryable(e.to_string())))?;
+        std::fs::rename(&temp, &path).map_err(|e| cleanup(JobError::retry(e.to_string())))?;
         sync_dir(&dir);
         let manifest = Manifest {
             tenant_id: tenant,
             job_id: job,
-            source: self.source.clone(),
+            source: args.source.clone(),
             format,
-            gzip: self.gzip,
+            gzip: args.gzip,
             rows,
             bytes,
             sha256,

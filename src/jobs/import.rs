@@ -19,9 +19,10 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Job, JobContext, JobError};
-use crate::envelope::TenantId;
-use crate::tenant::TenantTx;
+use crate::ids::TenantId;
+use crate::job::{JobContext, JobError, TenantJob};
+use crate::scope::ScopedTx;
+use crate::sql::copy_escape;
 
 /// How many rejections the result lists (all are counted).
 pub const MAX_LISTED_ERRORS: usize = 20;
@@ -54,10 +55,23 @@ pub enum Mode {
     SkipInvalid,
 }
 
+/// The `import` kind: reads tenant inboxes under one folder.
+#[derive(Debug, Clone)]
+pub struct Import {
+    dir: PathBuf,
+}
+
+impl Import {
+    /// Reads a tenant's files from `<dir>/<tenant id>/` only.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+}
+
 /// Arguments of `import`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Import {
+pub struct ImportArgs {
     /// A path inside the tenant's inbox (relative to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
@@ -70,10 +84,6 @@ pub struct Import {
     /// all-or-nothing (default) or skip-invalid.
     #[serde(default)]
     pub mode: Mode,
-}
-
-impl Job for Import {
-    const KIND: &'static str = "import";
 }
 
 /// One record of an import file.
@@ -133,9 +143,13 @@ pub struct ImportResult {
     pub errors: Vec<RowError>,
 }
 
-impl Import {
-    pub(super) fn validate(&self) -> Result<(), String> {
-        match (&self.file, &self.records) {
+impl TenantJob for Import {
+    const KIND: &'static str = "import";
+    type Args = ImportArgs;
+    type Output = serde_json::Value;
+
+    fn validate(&self, args: &ImportArgs) -> Result<(), String> {
+        match (&args.file, &args.records) {
             (Some(f), None) => check_relative_path(f),
             (None, Some(r)) if r.len() > MAX_INLINE_RECORDS => Err(format!(
                 "at most {MAX_INLINE_RECORDS} inline records; put larger imports in a file"
@@ -146,17 +160,18 @@ impl Import {
         }
     }
 
-    pub(super) async fn run(
+    async fn run(
         &self,
-        tx: &mut TenantTx,
-        ctx: &JobContext,
+        tx: &mut ScopedTx,
+        _ctx: &JobContext,
+        args: ImportArgs,
     ) -> Result<serde_json::Value, JobError> {
         let tenant = tx.tenant_id();
         let (sender, receiver) = tokio::sync::mpsc::channel::<Item>(BATCH);
-        let producer = match (&self.file, &self.records) {
+        let producer = match (&args.file, &args.records) {
             (Some(file), _) => {
-                let path = resolve_in_inbox(&ctx.imports_dir, tenant, file)?;
-                let format = self.format;
+                let path = resolve_in_inbox(&self.dir, tenant, file)?;
+                let format = args.format;
                 tokio::task::spawn_blocking(move || read_file(&path, format, tenant, &sender))
             }
             (None, Some(records)) => {
@@ -171,7 +186,7 @@ impl Import {
                     Ok(())
                 })
             }
-            (None, None) => return Err(JobError::Fatal("nothing to import".into())),
+            (None, None) => return Err(JobError::Fail("nothing to import".into())),
         };
         sqlx::query(
             "create temp table import_rows (line bigint not null, id uuid, kind text not null,
@@ -183,13 +198,11 @@ impl Import {
         let mut shape_errors = 0u64;
         let mut rows = 0u64;
         let load = load_rows(tx, receiver, &mut errors, &mut shape_errors, &mut rows).await;
-        let produced = producer
-            .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        let produced = producer.await.map_err(|e| JobError::retry(e.to_string()))?;
         load?;
         produced?;
         if rows == 0 && shape_errors == 0 {
-            return Err(JobError::Fatal("the import contains no records".into()));
+            return Err(JobError::Fail("the import contains no records".into()));
         }
         check_rules(tx).await?;
         let db_errors: Vec<(i64, String)> = sqlx::query_as(
@@ -210,7 +223,7 @@ impl Import {
         errors.truncate(MAX_LISTED_ERRORS);
         let rejected = shape_errors + db_error_count as u64;
         let mut result = ImportResult {
-            mode: match self.mode {
+            mode: match args.mode {
                 Mode::AllOrNothing => "all-or-nothing".into(),
                 Mode::SkipInvalid => "skip-invalid".into(),
             },
@@ -219,15 +232,15 @@ impl Import {
             errors,
             ..ImportResult::default()
         };
-        if rejected > 0 && self.mode == Mode::AllOrNothing {
-            return serde_json::to_value(result).map_err(|e| JobError::Fatal(e.to_string()));
+        if rejected > 0 && args.mode == Mode::AllOrNothing {
+            return serde_json::to_value(result).map_err(|e| JobError::Fail(e.to_string()));
         }
         let (inserted, updated) = write_rows(tx).await?;
         result.written = true;
         result.inserted = inserted;
         result.updated = updated;
         result.unchanged = (rows - db_error_count as u64).saturating_sub(inserted + updated);
-        serde_json::to_value(result).map_err(|e| JobError::Fatal(e.to_string()))
+        serde_json::to_value(result).map_err(|e| JobError::Fail(e.to_string()))
     }
 }
 
@@ -252,10 +265,10 @@ fn check_relative_path(file: &str) -> Result<(), String> {
 
 /// The inbox path of `file`, refusing anything that resolves outside it (symlinks included).
 fn resolve_in_inbox(imports_dir: &Path, tenant: TenantId, file: &str) -> Result<PathBuf, JobError> {
-    check_relative_path(file).map_err(JobError::Fatal)?;
+    check_relative_path(file).map_err(JobError::Fail)?;
     let inbox = imports_dir.join(tenant.to_string());
     let inbox = inbox.canonicalize().map_err(|e| {
-        JobError::Fatal(format!(
+        JobError::Fail(format!(
             "the tenant's inbox {} is not readable: {e}",
             inbox.display()
         ))
@@ -263,18 +276,18 @@ fn resolve_in_inbox(imports_dir: &Path, tenant: TenantId, file: &str) -> Result<
     let path = inbox
         .join(file)
         .canonicalize()
-        .map_err(|e| JobError::Fatal(format!("cannot open `{file}` in the tenant's inbox: {e}")))?;
+        .map_err(|e| JobError::Fail(format!("cannot open `{file}` in the tenant's inbox: {e}")))?;
     if !path.starts_with(&inbox) {
-        return Err(JobError::Fatal(format!(
+        return Err(JobError::Fail(format!(
             "`{file}` resolves outside the tenant's inbox"
         )));
     }
-    let meta = std::fs::metadata(&path).map_err(|e| JobError::Fatal(e.to_string()))?;
+    let meta = std::fs::metadata(&path).map_err(|e| JobError::Fail(e.to_string()))?;
     if !meta.is_file() {
-        return Err(JobError::Fatal(format!("`{file}` is not a regular file")));
+        return Err(JobError::Fail(format!("`{file}` is not a regular file")));
     }
     if meta.len() == 0 {
-        return Err(JobError::Fatal(format!("`{file}` is empty (0 bytes)")));
+        return Err(JobError::Fail(format!("`{file}` is empty (0 bytes)")));
     }
     Ok(path)
 }
@@ -285,7 +298,7 @@ fn read_file(
     tenant: TenantId,
     sender: &tokio::sync::mpsc::Sender<Item>,
 ) -> Result<(), JobError> {
-    let file = std::fs::File::open(path).map_err(|e| JobError::Fatal(e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(|e| JobError::Fail(e.to_string()))?;
     let reader = std::io::BufReader::with_capacity(1 << 16, file);
     match format {
         ImportFormat::Jsonl => read_jsonl(reader, tenant, sender),
@@ -305,7 +318,7 @@ fn read_jsonl(
         let mut limited = <&mut _ as std::io::Read>::take(&mut reader, MAX_LINE_BYTES as u64 + 1);
         let n = limited
             .read_until(b'\n', &mut buf)
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+            .map_err(|e| JobError::retry(e.to_string()))?;
         if n == 0 {
             return Ok(());
         }
@@ -342,11 +355,11 @@ fn read_csv(
         .from_reader(reader);
     let headers = csv
         .byte_headers()
-        .map_err(|e| JobError::Fatal(format!("the CSV header cannot be read: {e}")))?
+        .map_err(|e| JobError::Fail(format!("the CSV header cannot be read: {e}")))?
         .clone();
     let column = |name: &str| headers.iter().position(|h| h == name.as_bytes());
     let (Some(kind_col), Some(data_col)) = (column("kind"), column("data")) else {
-        return Err(JobError::Fatal(
+        return Err(JobError::Fail(
             "the CSV header must name at least `kind` and `data` (and optionally external_id, id, tenant_id)".into(),
         ));
     };
@@ -393,7 +406,7 @@ fn read_csv(
             }
             Err(e) => {
                 if e.is_io_error() {
-                    return Err(JobError::Retryable(e.to_string()));
+                    return Err(JobError::retry(e.to_string()));
                 }
                 row_error(number, format!("malformed CSV record: {e}"))
             }
@@ -534,21 +547,8 @@ fn contains_nul(v: &serde_json::Value) -> bool {
     }
 }
 
-/// COPY text format escaping: backslash, tab, newline and carriage return.
-pub(crate) fn copy_escape(out: &mut Vec<u8>, s: &str) {
-    for b in s.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
-}
-
 async fn load_rows(
-    tx: &mut TenantTx,
+    tx: &mut ScopedTx,
     mut receiver: tokio::sync::mpsc::Receiver<Item>,
     errors: &mut Vec<RowError>,
     shape_errors: &mut u64,
@@ -602,7 +602,7 @@ async fn load_rows(
 
 /// The database's rules, checked set-wise on the loaded rows: every reference sees only this
 /// tenant's records (RLS), so another tenant's rows behave exactly like missing ones.
-async fn check_rules(tx: &mut TenantTx) -> Result<(), JobError> {
+async fn check_rules(tx: &mut ScopedTx) -> Result<(), JobError> {
     let statements = [
         // An id given must be new, unless it is the id of the very record this row upserts
         // (same kind and external id).
@@ -652,7 +652,7 @@ async fn check_rules(tx: &mut TenantTx) -> Result<(), JobError> {
 
 /// Writes the valid rows: customers before the invoices that may reference them; rows with an
 /// external id are upserted on it, changing nothing when the data is the same.
-async fn write_rows(tx: &mut TenantTx) -> Result<(u64, u64), JobError> {
+async fn write_rows(tx: &mut ScopedTx) -> Result<(u64, u64), JobError> {
     let mut inserted = 0u64;
     let mut updated = 0u64;
     for customers in [true, false] {

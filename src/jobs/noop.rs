@@ -4,13 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Job, JobContext, JobError};
-use crate::tenant::TenantTx;
+use crate::job::{JobContext, JobError, TenantJob};
+use crate::scope::ScopedTx;
+
+/// The `noop` kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Noop;
 
 /// Arguments of `noop` (all optional).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Noop {
+pub struct NoopArgs {
     /// Sleep this long inside the transaction (at most 600000), to simulate a slow job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep_ms: Option<u64>,
@@ -22,33 +26,39 @@ pub struct Noop {
     pub count: bool,
 }
 
-impl Job for Noop {
+impl TenantJob for Noop {
     const KIND: &'static str = "noop";
-}
+    type Args = NoopArgs;
+    type Output = serde_json::Value;
 
-impl Noop {
-    pub(super) fn validate(&self) -> Result<(), String> {
-        if self.sleep_ms.is_some_and(|ms| ms > 600_000) {
+    fn validate(&self, args: &NoopArgs) -> Result<(), String> {
+        if args.sleep_ms.is_some_and(|ms| ms > 600_000) {
             return Err("sleep_ms must be at most 600000".into());
         }
-        if self.fail.as_ref().is_some_and(|m| m.len() > 1000) {
+        if args.fail.as_ref().is_some_and(|m| m.len() > 1000) {
             return Err("fail message must be at most 1000 bytes".into());
         }
         Ok(())
     }
 
-    pub(super) async fn run(
+    /// A `noop` that sleeps stands for a slow job: it runs alone.
+    fn shares_rounds(&self, args: &NoopArgs) -> bool {
+        args.sleep_ms.is_none()
+    }
+
+    async fn run(
         &self,
-        tx: &mut TenantTx,
+        tx: &mut ScopedTx,
         _ctx: &JobContext,
+        args: NoopArgs,
     ) -> Result<serde_json::Value, JobError> {
-        if let Some(ms) = self.sleep_ms {
+        if let Some(ms) = args.sleep_ms {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
-        if let Some(message) = &self.fail {
-            return Err(JobError::Retryable(message.clone()));
+        if let Some(message) = args.fail {
+            return Err(JobError::retry(message));
         }
-        if self.count {
+        if args.count {
             let n: i64 = sqlx::query_scalar("select count(*) from records")
                 .fetch_one(tx.conn().await?)
                 .await?;

@@ -14,27 +14,38 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::declared::{Catalog, DeclaredKind, is_valid_name};
-use super::{Job, JobContext, JobError};
-use crate::tenant::TenantTx;
+use crate::job::{JobContext, JobError, TenantJob};
+use crate::scope::ScopedTx;
 
 /// Built-in rollup names.
 pub const BUILTINS: &[&str] = &["records_per_kind_per_day", "invoices_per_month"];
 
+/// The `rollup` kind: the built-in rollups and the declared ones of a [`Catalog`].
+#[derive(Debug, Clone)]
+pub struct Rollup {
+    catalog: Arc<Catalog>,
+}
+
+impl Rollup {
+    /// Runs the built-in rollups and those declared in `catalog`.
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self { catalog }
+    }
+}
+
 /// Arguments of `rollup`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Rollup {
+pub struct RollupArgs {
     /// One rollup (built-in or declared); default: all built-ins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Recompute everything instead of the changed buckets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
-}
-
-impl Job for Rollup {
-    const KIND: &'static str = "rollup";
 }
 
 /// The aggregation of a built-in rollup over the rows selected by `filter` (a condition on
@@ -68,12 +79,17 @@ fn bucket_column(name: &str) -> &'static str {
     }
 }
 
-impl Rollup {
-    pub(super) fn validate(&self, catalog: &Catalog) -> Result<(), String> {
-        if let Some(name) = &self.name {
+impl TenantJob for Rollup {
+    const KIND: &'static str = "rollup";
+    type Args = RollupArgs;
+    type Output = serde_json::Value;
+
+    fn validate(&self, args: &RollupArgs) -> Result<(), String> {
+        if let Some(name) = &args.name {
             let ok = is_valid_name(name)
                 && (BUILTINS.contains(&name.as_str())
-                    || catalog
+                    || self
+                        .catalog
                         .get(name)
                         .is_some_and(|d| d.kind == DeclaredKind::Rollup));
             if !ok {
@@ -87,12 +103,13 @@ impl Rollup {
         Ok(())
     }
 
-    pub(super) async fn run(
+    async fn run(
         &self,
-        tx: &mut TenantTx,
-        ctx: &JobContext,
+        tx: &mut ScopedTx,
+        _ctx: &JobContext,
+        args: RollupArgs,
     ) -> Result<serde_json::Value, JobError> {
-        let names: Vec<String> = match &self.name {
+        let names: Vec<String> = match &args.name {
             Some(n) => vec![n.clone()],
             None => BUILTINS.iter().map(|s| s.to_string()).collect(),
         };
@@ -104,13 +121,13 @@ impl Rollup {
                 .execute(tx.conn().await?)
                 .await?;
             let outcome = if BUILTINS.contains(&name.as_str()) {
-                run_builtin(tx, &name, self.full).await?
+                run_builtin(tx, &name, args.full).await?
             } else {
-                let declared = ctx
+                let declared = self
                     .catalog
                     .get(&name)
                     .filter(|d| d.kind == DeclaredKind::Rollup)
-                    .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+                    .ok_or_else(|| JobError::Fail(format!("unknown rollup `{name}`")))?;
                 run_declared(tx, &name, &declared.sql).await?
             };
             results.insert(name, outcome);
@@ -120,7 +137,7 @@ impl Rollup {
 }
 
 async fn run_builtin(
-    tx: &mut TenantTx,
+    tx: &mut ScopedTx,
     name: &str,
     full: bool,
 ) -> Result<serde_json::Value, JobError> {
@@ -166,7 +183,7 @@ async fn run_builtin(
         ("incremental", deleted, filter)
     };
     let select = builtin_select(name, &filter)
-        .ok_or_else(|| JobError::Fatal(format!("unknown rollup `{name}`")))?;
+        .ok_or_else(|| JobError::Fail(format!("unknown rollup `{name}`")))?;
     let inserted = insert_aggregate(tx, &select).await?;
     record_run(tx, name, mode).await?;
     Ok(serde_json::json!({
@@ -178,7 +195,7 @@ async fn run_builtin(
 }
 
 async fn run_declared(
-    tx: &mut TenantTx,
+    tx: &mut ScopedTx,
     name: &str,
     sql: &str,
 ) -> Result<serde_json::Value, JobError> {
@@ -206,7 +223,7 @@ async fn run_declared(
 /// workers, and only its result rows (a few per bucket) are inserted. PostgreSQL 15 never
 /// runs the `SELECT` of an `INSERT .. SELECT` in parallel: on 2 cores the full
 /// `invoices_per_month` over 500,000 invoices took 2.96 s that way and 1.57 s this way.
-async fn insert_aggregate(tx: &mut TenantTx, select: &str) -> Result<u64, JobError> {
+async fn insert_aggregate(tx: &mut ScopedTx, select: &str) -> Result<u64, JobError> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "create temp table rollup_fresh (tenant_id, name, bucket, dims, count, sum)
          on commit drop as {select}"
@@ -226,7 +243,7 @@ async fn insert_aggregate(tx: &mut TenantTx, select: &str) -> Result<u64, JobErr
     Ok(inserted)
 }
 
-async fn record_run(tx: &mut TenantTx, name: &str, mode: &str) -> Result<(), JobError> {
+async fn record_run(tx: &mut ScopedTx, name: &str, mode: &str) -> Result<(), JobError> {
     sqlx::query(
         "insert into rollup_runs (tenant_id, name, mode) values (public.current_tenant_id(), $1, $2)
          on conflict (tenant_id, name) do update set mode = excluded.mode, ran_at = now()",
@@ -257,7 +274,7 @@ pub struct RollupRow {
 ///
 /// # Errors
 /// Database errors.
-pub async fn show(tx: &mut TenantTx, name: Option<&str>) -> Result<Vec<RollupRow>, sqlx::Error> {
+pub async fn show(tx: &mut ScopedTx, name: Option<&str>) -> Result<Vec<RollupRow>, sqlx::Error> {
     sqlx::query_as(
         "select name, bucket, dims, count, sum::text as sum from rollups
          where ($1::text is null or name = $1) order by name, bucket, dims::text",

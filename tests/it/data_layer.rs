@@ -2,8 +2,8 @@
 
 use serde_json::json;
 use sqlx::{Executor, PgPool};
-use tenant_worker::envelope::TenantId;
-use tenant_worker::tenant::TenantTx;
+use tenant_worker::TenantId;
+use tenant_worker::{Scope, ScopedTx};
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, stderr, stdout};
@@ -12,8 +12,8 @@ const VIEWS: &[&str] = &["v_property", "v_customer", "v_invoice"];
 
 /// Deliberately colliding data: both tenants get the same names, emails and invoice numbers.
 /// Returns the number of records written.
-async fn seed(app: &PgPool, tenant: TenantId, extra: usize) -> i64 {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn seed(app: &Scope, tenant: TenantId, extra: usize) -> i64 {
+    let mut tx = app.begin(tenant).await.unwrap();
     let customer = Uuid::new_v4();
     sqlx::query("insert into records (tenant_id, id, kind, data) values ($1, $2, 'customer', $3)")
         .bind(tenant)
@@ -43,7 +43,7 @@ async fn seed(app: &PgPool, tenant: TenantId, extra: usize) -> i64 {
     (1 + 2 + extra + 1) as i64
 }
 
-async fn count(tx: &mut TenantTx, relation: &str) -> (i64, i64) {
+async fn count(tx: &mut ScopedTx, relation: &str) -> (i64, i64) {
     // (rows visible, rows of any other tenant visible)
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select count(*), count(*) filter (where tenant_id <> $1) from {relation}"
@@ -58,7 +58,7 @@ async fn count(tx: &mut TenantTx, relation: &str) -> (i64, i64) {
 async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     let n_a = seed(&app, a, 3).await;
     let n_b = seed(&app, b, 0).await;
     assert_ne!(
@@ -92,7 +92,7 @@ async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
     }
 
     // No tenant context: nothing, through the table and through every view.
-    let mut conn = app.acquire().await.unwrap();
+    let mut conn = app.pool().acquire().await.unwrap();
     for rel in [
         "records",
         "v_property",
@@ -113,7 +113,7 @@ async fn each_tenant_sees_exactly_its_rows_through_table_and_views() {
 async fn with_check_refuses_writing_for_another_tenant() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, b, 0).await;
 
     let mut tx = db.scoped(&app, a).await;
@@ -159,7 +159,7 @@ async fn with_check_refuses_writing_for_another_tenant() {
 async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 1).await;
     seed(&app, b, 5).await;
     let admin = db.admin().await;
@@ -244,7 +244,7 @@ async fn every_tenant_table_has_rls_enabled_forced_and_a_restrictive_policy() {
         .execute("create table forgot (tenant_id uuid, x int)")
         .await
         .unwrap();
-    let checks = tenant_worker::audit::run(&admin, &db.settings.roles)
+    let checks = tenant_worker::db::audit::run(&admin, &db.settings.roles)
         .await
         .unwrap();
     let failed: Vec<_> = checks
@@ -276,7 +276,7 @@ async fn every_tenant_table_has_rls_enabled_forced_and_a_restrictive_policy() {
 async fn a_later_permissive_policy_cannot_widen_tenant_access() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 0).await;
     seed(&app, b, 0).await;
     let admin = db.admin().await;
@@ -293,13 +293,15 @@ async fn a_later_permissive_policy_cannot_widen_tenant_access() {
 async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 2).await;
     seed(&app, b, 0).await;
     // One connection only: B's transaction reuses A's connection.
-    let one = tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
+    let one = db.scope_of(
+        tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
     let pid_a: i32;
     {
         let mut tx = db.scoped(&one, a).await;
@@ -311,7 +313,7 @@ async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next(
         tx.commit().await.unwrap();
     }
     {
-        let mut conn = one.acquire().await.unwrap();
+        let mut conn = one.pool().acquire().await.unwrap();
         let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
             .fetch_one(&mut *conn)
             .await
@@ -364,17 +366,19 @@ async fn next_user_sees(one: &PgPool) -> (Option<String>, i64, bool) {
 
 /// A scoped transaction that ends any other way than commit or rollback (an error, a job cut
 /// off by its timeout or shutdown mid-statement, a cancelled BEGIN) must never hand its tenant
-/// to the next user of the pooled connection. `TenantTx` closes such a connection instead of
+/// to the next user of the pooled connection. `ScopedTx` closes such a connection instead of
 /// returning it; the app pool has no release check of its own.
 #[tokio::test]
 async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_connection() {
     let db = TestDb::new().await;
     let a = db.tenant("A").await;
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 1).await;
-    let one = tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
+    let one = db.scope_of(
+        tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
     let clean = (None, 0, false);
 
     // Dropped after a query, without commit or rollback.
@@ -382,7 +386,11 @@ async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_co
         let mut tx = db.scoped(&one, a).await;
         assert_eq!(count(&mut tx, "records").await.0, 5);
     }
-    assert_eq!(next_user_sees(&one).await, clean, "dropped transaction");
+    assert_eq!(
+        next_user_sees(one.pool()).await,
+        clean,
+        "dropped transaction"
+    );
 
     // The job's statement is cut off mid-flight (a timeout drops its future).
     let mut tx = db.scoped(&one, a).await;
@@ -393,22 +401,18 @@ async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_co
     .await;
     assert!(cut.is_err(), "the statement was cut off");
     drop(tx);
-    assert_eq!(next_user_sees(&one).await, clean, "statement cut off");
+    assert_eq!(next_user_sees(one.pool()).await, clean, "statement cut off");
 
     // BEGIN itself cancelled at every point from before sending to after the reply.
     let mut began = 0;
     for micros in (0..3000).step_by(25) {
-        let r = tokio::time::timeout(
-            std::time::Duration::from_micros(micros),
-            TenantTx::begin(&one, a),
-        )
-        .await;
+        let r = tokio::time::timeout(std::time::Duration::from_micros(micros), one.begin(a)).await;
         if let Ok(tx) = r {
             began += 1;
             drop(tx.unwrap());
         }
         assert_eq!(
-            next_user_sees(&one).await,
+            next_user_sees(one.pool()).await,
             clean,
             "BEGIN cancelled after {micros} µs"
         );
@@ -423,9 +427,9 @@ async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_co
 async fn the_policy_fails_closed_when_unset_ended_or_garbage() {
     let db = TestDb::new().await;
     let a = db.tenant("A").await;
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 0).await;
-    let mut conn = app.acquire().await.unwrap();
+    let mut conn = app.pool().acquire().await.unwrap();
     // 1. Never set in this session.
     let mut fresh = tenant_worker::db::connect("app", &db.urls.app)
         .await
@@ -476,11 +480,11 @@ async fn the_policy_fails_closed_when_unset_ended_or_garbage() {
 async fn customer_email_is_unique_per_tenant_case_insensitively() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     let insert = |t: TenantId, email: &'static str| {
         let app = app.clone();
         async move {
-            let mut tx = TenantTx::begin(&app, t).await.unwrap();
+            let mut tx = app.begin(t).await.unwrap();
             let r = sqlx::query(
                 "insert into records (tenant_id, kind, data) values ($1, 'customer', $2)",
             )
@@ -510,11 +514,11 @@ async fn customer_email_is_unique_per_tenant_case_insensitively() {
 async fn invoice_must_reference_a_customer_of_the_same_tenant() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     let customer_of = |t: TenantId| {
         let app = app.clone();
         async move {
-            let mut tx = TenantTx::begin(&app, t).await.unwrap();
+            let mut tx = app.begin(t).await.unwrap();
             let id: Uuid = sqlx::query_scalar(
                 "insert into records (tenant_id, kind, data) values ($1, 'customer', '{\"name\":\"c\"}') returning id",
             )
@@ -530,7 +534,7 @@ async fn invoice_must_reference_a_customer_of_the_same_tenant() {
     let invoice = |customer: Uuid| {
         let app = app.clone();
         async move {
-            let mut tx = TenantTx::begin(&app, a).await.unwrap();
+            let mut tx = app.begin(a).await.unwrap();
             let r = sqlx::query(
                 "insert into records (tenant_id, kind, data) values ($1, 'invoice', $2)",
             )

@@ -6,21 +6,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
+use tenant_worker::Scope;
 use tenant_worker::db;
-use tenant_worker::envelope::{JobId, TenantId};
 use tenant_worker::jobs::declared::{self, Catalog, Declared, DeclaredKind};
 use tenant_worker::jobs::export::{Format, Manifest};
 use tenant_worker::queue::{Enqueuer, NewJob};
-use tenant_worker::scheduler::{self, ScheduleError, Scheduler};
-use tenant_worker::tenant::TenantTx;
+use tenant_worker::schedule::{self, Scheduler, store};
 use tenant_worker::worker::RunOptions;
+use tenant_worker::{JobId, TenantId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -49,15 +48,15 @@ async fn export_db() -> (TestDb, tempfile::TempDir) {
 
 /// An enqueuer that validates named sources against `catalog`.
 async fn enqueuer_with(db: &TestDb, catalog: &Catalog) -> Enqueuer {
-    db.enqueuer().await.with_catalog(Arc::new(catalog.clone()))
+    db.enqueuer_with(catalog.clone()).await
 }
 
 async fn enqueue_export(enqueuer: &Enqueuer, tenant: TenantId, args: Value) -> JobId {
     enqueuer
-        .enqueue(tenant, NewJob::new("export", args))
+        .enqueue_job(tenant, NewJob::new("export", args))
         .await
         .expect("enqueue")
-        .expect("a new job")
+        .id
 }
 
 /// Run records of a job, read as the superuser: (tenant, result).
@@ -281,8 +280,8 @@ fn env_with(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// `n` properties through the tenant's scoped transaction. Names, addresses and cities repeat
 /// across tenants on purpose.
-async fn seed_properties(app: &PgPool, tenant: TenantId, n: i64) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn seed_properties(app: &Scope, tenant: TenantId, n: i64) {
+    let mut tx = app.begin(tenant).await.unwrap();
     sqlx::query(
         "insert into records (tenant_id, kind, data)
          select $1, 'property', jsonb_build_object(
@@ -300,8 +299,8 @@ async fn seed_properties(app: &PgPool, tenant: TenantId, n: i64) {
     tx.commit().await.unwrap();
 }
 
-async fn insert_record(app: &PgPool, tenant: TenantId, kind: &str, data: Value) -> Uuid {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn insert_record(app: &Scope, tenant: TenantId, kind: &str, data: Value) -> Uuid {
+    let mut tx = app.begin(tenant).await.unwrap();
     let id = sqlx::query_scalar(
         "insert into records (tenant_id, kind, data) values ($1, $2, $3) returning id",
     )
@@ -316,8 +315,8 @@ async fn insert_record(app: &PgPool, tenant: TenantId, kind: &str, data: Value) 
 }
 
 /// `n` customers named `<prefix> <g>` (same names and emails in every tenant).
-async fn seed_customers(app: &PgPool, tenant: TenantId, prefix: &str, n: i64) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn seed_customers(app: &Scope, tenant: TenantId, prefix: &str, n: i64) {
+    let mut tx = app.begin(tenant).await.unwrap();
     sqlx::query(
         "insert into records (tenant_id, kind, data)
          select $1, 'customer', jsonb_build_object(
@@ -335,8 +334,8 @@ async fn seed_customers(app: &PgPool, tenant: TenantId, prefix: &str, n: i64) {
 
 /// `n` invoices spread over the tenant's customers: statuses cycle open/paid/sent, due dates
 /// run from 20 days ago into the future. Invoice numbers repeat across tenants on purpose.
-async fn seed_invoices(app: &PgPool, tenant: TenantId, n: i64) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn seed_invoices(app: &Scope, tenant: TenantId, n: i64) {
+    let mut tx = app.begin(tenant).await.unwrap();
     sqlx::query(
         "with c as (select id, row_number() over (order by data ->> 'name') - 1 as i,
                            count(*) over () as n
@@ -428,7 +427,7 @@ async fn assert_nothing_of(admin: &PgPool, other: TenantId, text: &str, what: &s
 async fn each_tenants_export_holds_exactly_its_rows_in_every_format() {
     let (db, _exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 40).await;
     seed_properties(&app, b, 25).await;
     // Separators, quotes and a newline inside values: proper quoting and row counting.
@@ -547,7 +546,7 @@ async fn each_tenants_export_holds_exactly_its_rows_in_every_format() {
 async fn record_kind_export_and_since_filter() {
     let (db, _exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_customers(&app, a, "Early", 6).await;
     seed_customers(&app, b, "Early", 4).await;
     seed_properties(&app, a, 5).await;
@@ -677,7 +676,7 @@ async fn record_kind_export_and_since_filter() {
 async fn a_named_export_without_a_tenant_filter_still_exports_one_tenant() {
     let (db, _exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 30).await;
     seed_properties(&app, b, 17).await;
     // A property without a city: its group is the NULL city.
@@ -811,7 +810,7 @@ sql = "select set_config('app.tenant_id', '00000000-0000-0000-0000-000000000000'
 async fn rejected_exports_write_nothing() {
     let (db, exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 5).await;
     seed_properties(&app, b, 3).await;
 
@@ -978,7 +977,7 @@ async fn rejected_exports_write_nothing() {
 async fn a_tenant_switch_inside_a_named_export_is_caught() {
     let (db, exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 3).await;
     seed_properties(&app, b, 7).await;
     let mut catalog = Catalog::new();
@@ -1022,7 +1021,7 @@ async fn a_tenant_switch_inside_a_named_export_is_caught() {
 async fn a_declared_job_file_cannot_export_another_tenants_rows() {
     let (db, exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 3).await;
     seed_properties(&app, b, 7).await;
     let jobs = tempfile::tempdir().unwrap();
@@ -1087,7 +1086,7 @@ async fn set_config_in_from_is_refused_at_load() {
 async fn jsonl_row_count_is_right_when_a_value_holds_a_double_quote() {
     let (db, _exports) = export_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     insert_record(
         &app,
         a,
@@ -1155,16 +1154,24 @@ async fn new_scheduler(db: &TestDb) -> Scheduler {
 
 async fn add_schedule(
     db: &TestDb,
-    app: &PgPool,
+    app: &Scope,
     tenant: TenantId,
     cron: &str,
     kind: &str,
     args: Value,
-) -> scheduler::Schedule {
-    let id = scheduler::add(app, &Catalog::new(), tenant, cron, "UTC", kind, &args)
-        .await
-        .expect("add schedule");
-    scheduler::list_all(&scheduler_pool(db).await)
+) -> schedule::Schedule {
+    let id = store::add(
+        app,
+        &db.kinds(Catalog::new()),
+        tenant,
+        cron,
+        "UTC",
+        kind,
+        &args,
+    )
+    .await
+    .expect("add schedule");
+    store::list_all(&scheduler_pool(db).await)
         .await
         .unwrap()
         .into_iter()
@@ -1189,10 +1196,10 @@ fn fire_of_key(key: &str) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap()
 }
 
-fn expected_key(schedule: &scheduler::Schedule, now: DateTime<Utc>) -> String {
-    let cron = scheduler::parse_cron(&schedule.cron).unwrap();
-    let tz = scheduler::parse_tz(&schedule.timezone).unwrap();
-    let fire = scheduler::latest_fire_before(&cron, tz, now).unwrap();
+fn expected_key(schedule: &schedule::Schedule, now: DateTime<Utc>) -> String {
+    let cron = schedule::cron::parse_cron(&schedule.cron).unwrap();
+    let tz = schedule::cron::parse_tz(&schedule.timezone).unwrap();
+    let fire = schedule::cron::latest_fire_before(&cron, tz, now).unwrap();
     format!("schedule:{}:{}", schedule.id, fire.timestamp())
 }
 
@@ -1200,7 +1207,7 @@ fn expected_key(schedule: &scheduler::Schedule, now: DateTime<Utc>) -> String {
 async fn schedules_are_validated_and_tenant_scoped() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, sched) = (db.app().await, scheduler_pool(&db).await);
+    let (app, sched) = (db.scope().await, scheduler_pool(&db).await);
     let catalog = shipped_catalog();
     let export = json!({"source": "v_property", "format": "csv"});
 
@@ -1255,24 +1262,24 @@ async fn schedules_are_validated_and_tenant_scoped() {
             "invalid arguments for `noop`",
         ),
     ] {
-        let err = scheduler::add(&app, &catalog, a, cron, tz, kind, &args)
+        let err = store::add(&app, &db.kinds(catalog.clone()), a, cron, tz, kind, &args)
             .await
             .expect_err(cron);
         let text = error_chain(&err);
         assert!(text.contains(expected), "{cron} {tz} {kind} {args}: {text}");
         assert!(
-            matches!(err, ScheduleError::Job(_) | ScheduleError::Parse(_)),
+            matches!(err, schedule::Error::Job(_) | schedule::Error::Parse(_)),
             "{err:?}"
         );
     }
     assert!(
-        scheduler::list_all(&sched).await.unwrap().is_empty(),
+        store::list_all(&sched).await.unwrap().is_empty(),
         "a refused schedule was stored"
     );
 
-    let for_a = scheduler::add(
+    let for_a = store::add(
         &app,
-        &catalog,
+        &db.kinds(catalog.clone()),
         a,
         "0 3 * * *",
         "Europe/Berlin",
@@ -1281,9 +1288,9 @@ async fn schedules_are_validated_and_tenant_scoped() {
     )
     .await
     .unwrap();
-    let for_b = scheduler::add(
+    let for_b = store::add(
         &app,
-        &catalog,
+        &db.kinds(catalog.clone()),
         b,
         "0 6 * * 1",
         "UTC",
@@ -1292,16 +1299,10 @@ async fn schedules_are_validated_and_tenant_scoped() {
     )
     .await
     .unwrap();
-    let ids = |v: Vec<scheduler::Schedule>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
-    assert_eq!(
-        ids(scheduler::list_for_tenant(&app, a).await.unwrap()),
-        [for_a]
-    );
-    assert_eq!(
-        ids(scheduler::list_for_tenant(&app, b).await.unwrap()),
-        [for_b]
-    );
-    let all = scheduler::list_all(&sched).await.unwrap();
+    let ids = |v: Vec<schedule::Schedule>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(store::list_for_tenant(&app, a).await.unwrap()), [for_a]);
+    assert_eq!(ids(store::list_for_tenant(&app, b).await.unwrap()), [for_b]);
+    let all = store::list_all(&sched).await.unwrap();
     assert_eq!(
         all.iter()
             .map(|s| (s.id, s.tenant_id.0))
@@ -1342,7 +1343,7 @@ async fn schedules_are_validated_and_tenant_scoped() {
     );
 
     // The app role in B's context can neither delete nor write A's schedules.
-    let mut tx = TenantTx::begin(&app, b).await.unwrap();
+    let mut tx = app.begin(b).await.unwrap();
     let n = sqlx::query("delete from schedules where id = $1")
         .bind(for_a)
         .execute(tx.conn().await.unwrap())
@@ -1358,7 +1359,7 @@ async fn schedules_are_validated_and_tenant_scoped() {
         .rows_affected();
     assert_eq!(n, 0);
     tx.commit().await.unwrap();
-    let mut tx = TenantTx::begin(&app, b).await.unwrap();
+    let mut tx = app.begin(b).await.unwrap();
     let err = sqlx::query(
         "insert into schedules (tenant_id, cron, kind) values ($1, '* * * * *', 'noop')",
     )
@@ -1372,28 +1373,20 @@ async fn schedules_are_validated_and_tenant_scoped() {
         "{err}"
     );
     tx.rollback().await.unwrap();
-    assert_eq!(scheduler::list_all(&sched).await.unwrap().len(), 2);
+    assert_eq!(store::list_all(&sched).await.unwrap().len(), 2);
     assert!(
-        scheduler::list_all(&sched)
+        store::list_all(&sched)
             .await
             .unwrap()
             .iter()
             .all(|s| s.enabled)
     );
 
-    assert_eq!(scheduler::remove(&sched, &app, for_a).await.unwrap(), a);
+    assert_eq!(store::remove(&sched, &app, for_a).await.unwrap(), a);
+    assert!(store::list_for_tenant(&app, a).await.unwrap().is_empty());
+    assert_eq!(ids(store::list_for_tenant(&app, b).await.unwrap()), [for_b]);
     assert!(
-        scheduler::list_for_tenant(&app, a)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(
-        ids(scheduler::list_for_tenant(&app, b).await.unwrap()),
-        [for_b]
-    );
-    assert!(
-        matches!(scheduler::remove(&sched, &app, for_a).await, Err(ScheduleError::NotFound(id)) if id == for_a)
+        matches!(store::remove(&sched, &app, for_a).await, Err(schedule::Error::NotFound(id)) if id == for_a)
     );
 
     // The same through the binary.
@@ -1479,7 +1472,7 @@ async fn schedules_are_validated_and_tenant_scoped() {
 async fn two_schedulers_enqueue_a_due_fire_exactly_once() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin) = (db.app().await, db.admin().await);
+    let (app, admin) = (db.scope().await, db.admin().await);
     let s = add_schedule(&db, &app, a, "* * * * * *", "noop", json!({})).await;
     assert_eq!(s.tenant_id, a);
     let (one, two) = (new_scheduler(&db).await, new_scheduler(&db).await);
@@ -1535,7 +1528,7 @@ async fn two_schedulers_enqueue_a_due_fire_exactly_once() {
 async fn a_per_second_cron_fires_on_time() {
     let db = TestDb::new().await;
     let a = db.tenant("Northwind").await;
-    let (app, admin) = (db.app().await, db.admin().await);
+    let (app, admin) = (db.scope().await, db.admin().await);
     let s = add_schedule(&db, &app, a, "* * * * * *", "noop", json!({})).await;
     let sched = new_scheduler(&db).await;
     let (stop_scheduler, stop_worker) = (CancellationToken::new(), CancellationToken::new());
@@ -1597,7 +1590,7 @@ async fn a_per_second_cron_fires_on_time() {
 async fn missed_runs_fire_once_at_start() {
     let db = TestDb::new().await;
     let a = db.tenant("Northwind").await;
-    let (app, admin) = (db.app().await, db.admin().await);
+    let (app, admin) = (db.scope().await, db.admin().await);
     let s = add_schedule(&db, &app, a, "0 * * * * *", "noop", json!({})).await;
     sqlx::query("update schedules set created_at = now() - interval '1 hour' where id = $1")
         .bind(s.id)
@@ -1643,7 +1636,7 @@ async fn an_export_killed_mid_stream_completes_once_after_restart() {
     let exports = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_properties(&app, a, 300_000).await;
     seed_properties(&app, b, 1_000).await;
     let truth = truth_ids(&admin, a, "property", None).await;

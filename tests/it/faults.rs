@@ -25,10 +25,12 @@ use ed25519_dalek::pkcs8::DecodePrivateKey as _;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tenant_worker::embedded::EphemeralCluster;
-use tenant_worker::envelope::{self, JobId, TenantId};
+use tenant_worker::envelope;
 use tenant_worker::jobs::export::{Manifest, hash_file};
 use tenant_worker::queue::{self, NewJob};
-use tenant_worker::{scheduler, tenant};
+use tenant_worker::schedule::{self, store};
+use tenant_worker::tenant;
+use tenant_worker::{JobId, TenantId};
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, enqueue_all, stderr, stdout};
@@ -1080,13 +1082,13 @@ async fn a_poison_job_backs_off_and_dies_while_others_flow_and_undecodable_paylo
     };
 
     let poison = enqueuer
-        .enqueue(
+        .enqueue_job(
             poisoned,
             NewJob::new("noop", json!({"fail": "poison pill"})),
         )
         .await
         .unwrap()
-        .unwrap();
+        .id;
     good.extend(enqueue_good(40).await);
     // Payloads that are not even JSON, straight into the queue, before the worker starts...
     let mut garbage: Vec<(JobId, &str)> = Vec::new();
@@ -1409,7 +1411,7 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
                     "csv'; drop table records; --",
                 ],
             ),
-            "invalid arguments for `export`: unknown variant",
+            "invalid arguments for `export`: format: unknown variant",
         ),
         (
             "export since garbage",
@@ -1438,7 +1440,7 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
         (
             "import mode with SQL",
             enqueue("import", &["--file", "x.jsonl", "--mode", SQLI]),
-            "invalid arguments for `import`: unknown variant",
+            "invalid arguments for `import`: mode: unknown variant",
         ),
         (
             "kind with SQL",
@@ -1728,11 +1730,11 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
             strings(&["tenant", "add", "--name", &long_name]),
             "invalid tenant name",
         ),
-        // An idempotency key the queue cannot index.
+        // An idempotency key the queue could not index: refused before the database sees it.
         (
             "idempotency key of 64 KiB",
             enqueue("noop", &["--idempotency-key", &huge_key]),
-            "index row",
+            "the idempotency key must be 1 to 200 characters",
         ),
     ];
     let mut failures = Vec::new();
@@ -1810,7 +1812,7 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
         Ok(t) => failures.push(format!("NUL tenant name: created {t:?}")),
         Err(e) => eprintln!("hostile: NUL tenant name refused: {e}"),
     }
-    let app = db.app().await;
+    let app = db.scope().await;
     let catalog = tenant_worker::jobs::declared::Catalog::new();
     for (case, cron, tz, args) in [
         ("NUL in the time zone", "* * * * *", "UTC\0", json!({})),
@@ -1827,7 +1829,9 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
             json!({"fail": "a\u{0}b"}),
         ),
     ] {
-        if let Ok(id) = scheduler::add(&app, &catalog, a, cron, tz, "noop", &args).await {
+        if let Ok(id) =
+            store::add(&app, &db.kinds(catalog.clone()), a, cron, tz, "noop", &args).await
+        {
             failures.push(format!("{case}: schedule {id} created"));
         }
     }
@@ -1884,13 +1888,13 @@ async fn hostile_jobs_put_straight_into_the_queue_are_rejected_by_the_worker_and
             "args nested 10,000 deep",
             "noop",
             deep.clone(),
-            "recursion limit exceeded",
+            "invalid arguments for `noop`: [0]: invalid type: sequence",
         ),
         (
             "args nested 10,000 deep in a field",
             "noop",
             format!(r#"{{"fail":{deep}}}"#),
-            "recursion limit exceeded",
+            "invalid arguments for `noop`: fail: invalid type: sequence",
         ),
         (
             "import file ../x",
@@ -2021,10 +2025,10 @@ async fn hostile_jobs_put_straight_into_the_queue_are_rejected_by_the_worker_and
         let t = if i % 2 == 0 { a } else { b };
         good.push(
             enqueuer
-                .enqueue(t, NewJob::new("noop", json!({})))
+                .enqueue_job(t, NewJob::new("noop", json!({})))
                 .await
                 .unwrap()
-                .unwrap(),
+                .id,
         );
     }
     let mut worker = rig.spawn(&["run", "--until-idle"], "hostile");
@@ -2417,7 +2421,7 @@ async fn soak() {
         expected_records.insert(*t, record_count(&admin, *t).await);
     }
     let catalog = tenant_worker::jobs::declared::Catalog::load(&shipped_jobs(), true).unwrap();
-    let enqueuer = db.enqueuer().await.with_catalog(Arc::new(catalog));
+    let enqueuer = db.enqueuer_with(catalog).await;
 
     let steady = rig.spawn(&["run"], "steady");
     let mut churn = [rig.spawn(&["run"], "churn"), rig.spawn(&["run"], "churn")];
@@ -2500,7 +2504,7 @@ async fn soak() {
             .collect();
         let ids = enqueuer.enqueue_batch(batch).await.expect("enqueue");
         for (id, (t, is_export)) in ids.into_iter().zip(meta) {
-            let id = id.unwrap();
+            let id = id.id;
             expected.insert(id, t);
             if is_export {
                 exports.push((id, t));
@@ -2558,7 +2562,7 @@ async fn soak() {
         .await
         .unwrap()
         .into_iter()
-        .map(|j| j.unwrap())
+        .map(|j| j.id)
         .collect();
     expected.extend(finals.iter().copied().zip(tenants.iter().copied()));
     wait_until!(
@@ -2743,10 +2747,10 @@ async fn bug_a_nul_character_in_a_rejection_reason_or_error_stalls_the_whole_que
     for _ in 0..10 {
         good.push(
             enqueuer
-                .enqueue(a, NewJob::new("noop", json!({})))
+                .enqueue_job(a, NewJob::new("noop", json!({})))
                 .await
                 .unwrap()
-                .unwrap(),
+                .id,
         );
     }
     let mut worker = rig.spawn(&["run", "--until-idle"], "nul");
@@ -2788,7 +2792,7 @@ async fn bug_enqueue_accepts_a_job_every_worker_will_reject_as_too_large() {
     let result = db
         .enqueuer()
         .await
-        .enqueue(a, NewJob::new("import", json!({"records": records})))
+        .enqueue_job(a, NewJob::new("import", json!({"records": records})))
         .await;
     assert!(
         matches!(
@@ -2804,15 +2808,15 @@ fn bug_five_field_cron_weekdays_are_one_day_off_standard_cron() {
     use chrono::{Datelike as _, TimeZone as _, Weekday};
     // Thursday 2026-11-26: the latest "06:00 on Monday" before it is Monday 2026-11-23.
     let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
-    let monday = scheduler::parse_cron("0 6 * * 1").unwrap();
-    let fire = scheduler::latest_fire_before(&monday, chrono_tz::UTC, now).unwrap();
+    let monday = schedule::cron::parse_cron("0 6 * * 1").unwrap();
+    let fire = schedule::cron::latest_fire_before(&monday, chrono_tz::UTC, now).unwrap();
     assert_eq!(fire.weekday(), Weekday::Mon, "`0 6 * * 1` fired on {fire}");
     assert!(
-        scheduler::parse_cron("0 6 * * 0").is_ok(),
+        schedule::cron::parse_cron("0 6 * * 0").is_ok(),
         "0 = Sunday in standard cron"
     );
-    let seven = scheduler::parse_cron("0 6 * * 7").unwrap();
-    let fire = scheduler::latest_fire_before(&seven, chrono_tz::UTC, now).unwrap();
+    let seven = schedule::cron::parse_cron("0 6 * * 7").unwrap();
+    let fire = schedule::cron::latest_fire_before(&seven, chrono_tz::UTC, now).unwrap();
     assert_eq!(fire.weekday(), Weekday::Sun, "`0 6 * * 7` fired on {fire}");
 }
 

@@ -12,13 +12,18 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
+use std::sync::Arc;
+
 use tenant_worker::config::{self, Settings};
 use tenant_worker::db::{self, DbUrls};
 use tenant_worker::embedded::EphemeralCluster;
-use tenant_worker::envelope::{self, JobId, KeyId, Keyring, Signer, TenantId};
+use tenant_worker::envelope::keys;
+use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::{Enqueuer, NewJob};
-use tenant_worker::tenant::{self, TenantTx};
-use tenant_worker::worker::{self, RunOptions, Summary, WorkerState};
+use tenant_worker::{
+    JobId, KeyId, Keyring, Registry, RunOptions, Scope, ScopedTx, Signer, Summary, TenantId,
+    Worker, client, jobs, tenant,
+};
 use tokio_util::sync::CancellationToken;
 
 /// The server every test of this process uses: (admin URL to the `postgres` database, the
@@ -162,7 +167,7 @@ impl TestDb {
         settings.database.admin_url = Some(SecretString::from(url.clone()));
         let keys_dir = tempfile::tempdir().expect("tempdir");
         let (kid, private, public) =
-            envelope::generate_key_pair(keys_dir.path(), Some(KeyId::parse("test").unwrap()))
+            keys::generate_key_pair(keys_dir.path(), Some(KeyId::parse("test").unwrap()))
                 .expect("keys");
         settings.keys.signing_key_file = Some(private.clone());
         settings.keys.signing_key_id = Some(kid.to_string());
@@ -210,6 +215,16 @@ impl TestDb {
             .expect("app pool")
     }
 
+    /// Scoped transactions on a pool connected as the app role.
+    pub async fn scope(&self) -> Scope {
+        Scope::new(self.app().await)
+    }
+
+    /// Scoped transactions on `pool` (an app-role pool the test made itself).
+    pub fn scope_of(&self, pool: PgPool) -> Scope {
+        Scope::new(pool)
+    }
+
     /// A pool connected as the queue role.
     pub async fn queue(&self) -> PgPool {
         db::queue_pool(&self.settings, &self.urls)
@@ -229,22 +244,58 @@ impl TestDb {
 
     /// The verifying keyring matching [`TestDb::signer`].
     pub fn keyring(&self) -> Keyring {
-        envelope::keyring_from_settings(&self.settings.keys, None).expect("keyring")
+        client::keyring(&self.settings, None).expect("keyring")
     }
 
-    /// An enqueuer on the queue role.
+    /// The built-in kinds, with the declared jobs of `catalog`.
+    pub fn kinds(&self, catalog: Catalog) -> Arc<Registry> {
+        Arc::new(jobs::builtins(&self.settings, Arc::new(catalog)))
+    }
+
+    /// An enqueuer on the queue role, for the built-in kinds (no declared jobs).
     pub async fn enqueuer(&self) -> Enqueuer {
-        Enqueuer::new(self.queue().await, self.signer.clone(), &self.settings)
+        self.enqueuer_with(Catalog::new()).await
+    }
+
+    /// An enqueuer on the queue role, for the built-in kinds with the declared jobs of
+    /// `catalog`.
+    pub async fn enqueuer_with(&self, catalog: Catalog) -> Enqueuer {
+        Enqueuer::new(
+            self.queue().await,
+            self.signer.clone(),
+            &self.settings,
+            self.kinds(catalog),
+        )
     }
 
     /// Enqueues one job and returns its id.
     pub async fn enqueue(&self, tenant: TenantId, kind: &str, args: serde_json::Value) -> JobId {
-        self.enqueuer()
+        let done = self
+            .enqueuer()
             .await
-            .enqueue(tenant, NewJob::new(kind, args))
+            .enqueue_job(tenant, NewJob::new(kind, args))
             .await
-            .expect("enqueue")
-            .expect("new job")
+            .expect("enqueue");
+        assert!(done.created, "a new job");
+        done.id
+    }
+
+    /// A worker for the built-in kinds with the declared jobs of `catalog`.
+    pub async fn worker(&self, catalog: Catalog) -> Worker {
+        self.worker_for(&self.kinds(catalog)).await
+    }
+
+    /// A worker for the kinds of `registry`.
+    pub async fn worker_for(&self, registry: &Registry) -> Worker {
+        Worker::builder(
+            self.scope().await,
+            self.queue().await,
+            self.keyring(),
+            &self.settings,
+        )
+        .registry(registry)
+        .build()
+        .expect("worker")
     }
 
     /// Runs the real worker until the queue is idle.
@@ -261,21 +312,16 @@ impl TestDb {
 
     /// Runs the real worker with options and a shutdown token.
     pub async fn run_with(&self, opts: RunOptions, shutdown: CancellationToken) -> Summary {
-        let state = WorkerState::new(
-            self.app().await,
-            self.queue().await,
-            self.keyring(),
-            &self.settings,
-        );
-        tokio::time::timeout(Duration::from_secs(120), worker::run(state, opts, shutdown))
+        let worker = self.worker(Catalog::new()).await;
+        tokio::time::timeout(Duration::from_secs(120), worker.run(opts, shutdown))
             .await
             .expect("worker finished in time")
             .expect("worker ran")
     }
 
     /// A scoped transaction for `tenant` on the app role.
-    pub async fn scoped(&self, pool: &PgPool, tenant: TenantId) -> TenantTx {
-        TenantTx::begin(pool, tenant).await.expect("begin scoped")
+    pub async fn scoped(&self, scope: &Scope, tenant: TenantId) -> ScopedTx {
+        scope.begin(tenant).await.expect("begin scoped")
     }
 
     /// Environment for the binary so it uses this database and key.
@@ -365,7 +411,7 @@ pub fn stderr(o: &Output) -> String {
 /// the per-test key, for tests that build their own settings or rotate keys.)
 pub fn add_key(settings: &mut Settings, dir: &std::path::Path, kid: &str) -> Signer {
     let (kid, private, public) =
-        envelope::generate_key_pair(dir, Some(KeyId::parse(kid).expect("key id"))).expect("keys");
+        keys::generate_key_pair(dir, Some(KeyId::parse(kid).expect("key id"))).expect("keys");
     settings.keys.signing_key_file = Some(private.clone());
     settings.keys.signing_key_id = Some(kid.to_string());
     settings.keys.verifying.insert(kid.to_string(), public);
@@ -398,8 +444,8 @@ impl TestDb {
 
 /// Writes `n` property records ("Tower <i>") for `tenant` through a scoped transaction on the
 /// app role.
-pub async fn seed_towers(app: &PgPool, tenant: TenantId, n: usize) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+pub async fn seed_towers(app: &Scope, tenant: TenantId, n: usize) {
+    let mut tx = app.begin(tenant).await.unwrap();
     for i in 0..n {
         sqlx::query("insert into records (tenant_id, kind, data) values ($1, 'property', $2)")
             .bind(tenant)
@@ -418,7 +464,10 @@ pub async fn enqueue_all(enqueuer: &Enqueuer, jobs: Vec<(TenantId, NewJob)>) -> 
         .await
         .expect("enqueue")
         .into_iter()
-        .map(|id| id.expect("a new job"))
+        .map(|done| {
+            assert!(done.created, "a new job");
+            done.id
+        })
         .collect()
 }
 
@@ -465,13 +514,11 @@ pub async fn job_info(queue_pool: &PgPool, job: JobId) -> tenant_worker::queue::
 }
 
 /// Runs the real worker with `catalog` until the queue is idle.
-pub async fn run_worker(db: &TestDb, catalog: tenant_worker::jobs::declared::Catalog) -> Summary {
-    let state = WorkerState::new(db.app().await, db.queue().await, db.keyring(), &db.settings)
-        .with_catalog(catalog);
+pub async fn run_worker(db: &TestDb, catalog: Catalog) -> Summary {
+    let worker = db.worker(catalog).await;
     tokio::time::timeout(
         Duration::from_secs(120),
-        worker::run(
-            state,
+        worker.run(
             RunOptions {
                 until_idle: true,
                 name: None,

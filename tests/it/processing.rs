@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, TimeZone as _, Utc};
@@ -12,13 +11,13 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tenant_worker::envelope::{JobId, TenantId};
+use tenant_worker::RunOptions;
 use tenant_worker::jobs::declared::{self, Catalog, Declared, DeclaredKind};
 use tenant_worker::jobs::import::{ImportResult, MAX_INLINE_RECORDS};
 use tenant_worker::jobs::rollup;
 use tenant_worker::queue::{self, Enqueuer, NewJob};
-use tenant_worker::tenant::TenantTx;
-use tenant_worker::worker::{self, RunOptions, WorkerState};
+use tenant_worker::{JobId, TenantId};
+use tenant_worker::{Scope, ScopedTx};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -65,15 +64,15 @@ fn jsonl(records: &[Value]) -> String {
 
 /// An enqueuer that validates declared names against `catalog`.
 async fn enqueuer(db: &TestDb, catalog: &Catalog) -> Enqueuer {
-    db.enqueuer().await.with_catalog(Arc::new(catalog.clone()))
+    db.enqueuer_with(catalog.clone()).await
 }
 
 async fn enqueue(enqueuer: &Enqueuer, tenant: TenantId, kind: &str, args: Value) -> JobId {
     enqueuer
-        .enqueue(tenant, NewJob::new(kind, args))
+        .enqueue_job(tenant, NewJob::new(kind, args))
         .await
         .expect("enqueue")
-        .expect("a new job")
+        .id
 }
 
 /// The run record of a job, read as the superuser: (tenant, result).
@@ -202,13 +201,13 @@ fn set<const N: usize>(items: [&str; N]) -> BTreeSet<String> {
 
 /// Inserts one record through the tenant's scoped transaction (the app role).
 async fn insert(
-    app: &PgPool,
+    app: &Scope,
     tenant: TenantId,
     kind: &str,
     data: Value,
     external_id: Option<&str>,
 ) -> Uuid {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+    let mut tx = app.begin(tenant).await.unwrap();
     let id: Uuid = sqlx::query_scalar(
         "insert into records (tenant_id, kind, data, external_id) values ($1, $2, $3, $4) returning id",
     )
@@ -224,7 +223,7 @@ async fn insert(
 }
 
 /// Inserts one record with a given creation time inside an open scoped transaction.
-async fn insert_at(tx: &mut TenantTx, kind: &str, data: Value, created_at: DateTime<Utc>) -> Uuid {
+async fn insert_at(tx: &mut ScopedTx, kind: &str, data: Value, created_at: DateTime<Utc>) -> Uuid {
     let tenant = tx.tenant_id();
     sqlx::query_scalar(
         "insert into records (tenant_id, kind, data, created_at) values ($1, $2, $3, $4) returning id",
@@ -246,7 +245,7 @@ async fn insert_at(tx: &mut TenantTx, kind: &str, data: Value, created_at: DateT
 async fn an_import_claiming_another_tenant_writes_nothing_there() {
     let (db, root) = import_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     // B owns records with the external ids the file uses, so a row that reached B would
     // update them; A has one record of its own.
@@ -386,7 +385,7 @@ async fn an_import_claiming_another_tenant_writes_nothing_there() {
 async fn import_rules_are_reported_per_row() {
     let (db, root) = import_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     // A's existing customers (one created by an application, without external id).
     insert(
@@ -510,7 +509,7 @@ async fn import_rules_are_reported_per_row() {
 async fn a_duplicate_email_without_external_ids_is_a_row_error() {
     let (db, root) = import_db().await;
     let (a, _b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     insert(
         &app,
@@ -546,7 +545,7 @@ async fn a_duplicate_email_without_external_ids_is_a_row_error() {
 async fn a_taken_id_with_an_external_id_is_a_row_error() {
     let (db, root) = import_db().await;
     let (a, _b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     let taken = insert(&app, a, "property", json!({"name": "Tower"}), None).await;
     let rows = [
@@ -573,7 +572,7 @@ async fn a_taken_id_with_an_external_id_is_a_row_error() {
 async fn importing_the_same_file_twice_changes_nothing() {
     let (db, root) = import_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     // B has records with the same external ids: they must never be touched.
     insert(&app, b, "property", json!({"name": "B tower"}), Some("p-0")).await;
@@ -676,7 +675,7 @@ enum Expect {
 async fn bad_files_give_clear_errors_and_write_nothing() {
     let (db, root) = import_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     insert(
         &app,
@@ -862,7 +861,7 @@ async fn bad_files_give_clear_errors_and_write_nothing() {
         "",
     ] {
         let err = enq
-            .enqueue(a, NewJob::new("import", json!({"file": file})))
+            .enqueue_job(a, NewJob::new("import", json!({"file": file})))
             .await
             .expect_err(file);
         let text = error_chain(&err);
@@ -976,7 +975,7 @@ async fn an_escaped_nul_is_a_row_error() {
 async fn csv_import_works_with_quoted_json() {
     let (db, root) = import_db().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     insert(&app, b, "property", json!({"name": "B"}), Some("p-1")).await;
     let b_before = snapshot(&admin, b).await;
@@ -1096,7 +1095,7 @@ async fn import_of_inline_records() {
         (json!({}), "exactly one of `file` or `records`"),
     ] {
         let err = enq
-            .enqueue(a, NewJob::new("import", args.clone()))
+            .enqueue_job(a, NewJob::new("import", args.clone()))
             .await
             .expect_err("refused at enqueue");
         assert!(matches!(err, queue::Error::Invalid(_)), "{args}: {err:?}");
@@ -1221,8 +1220,8 @@ fn day(d: u32, h: u32, m: u32, s: u32) -> DateTime<Utc> {
 
 /// Records for the built-in rollups; both tenants get the same kinds, days, months, statuses
 /// and currencies, with amounts and counts scaled by `scale` (so a leak shows in every sum).
-async fn seed_rollup_data(app: &PgPool, tenant: TenantId, scale: u32) {
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+async fn seed_rollup_data(app: &Scope, tenant: TenantId, scale: u32) {
+    let mut tx = app.begin(tenant).await.unwrap();
     let times = [
         day(1, 0, 0, 0),
         day(1, 23, 59, 59),
@@ -1290,7 +1289,7 @@ async fn seed_rollup_data(app: &PgPool, tenant: TenantId, scale: u32) {
 async fn rollup_values_equal_sql_ground_truth() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let enq = enqueuer(&db, &Catalog::new()).await;
     seed_rollup_data(&app, a, 1).await;
     seed_rollup_data(&app, b, 2).await;
@@ -1342,7 +1341,7 @@ async fn rollup_values_equal_sql_ground_truth() {
     );
 
     // What the app role sees through `show` in A's scope is exactly A's rows.
-    let mut tx = TenantTx::begin(&app, a).await.unwrap();
+    let mut tx = app.begin(a).await.unwrap();
     let shown = rollup::show(&mut tx, None).await.unwrap();
     tx.rollback().await.unwrap();
     let shown: Vec<RollupRow> = shown
@@ -1397,7 +1396,7 @@ async fn rollup_values_equal_sql_ground_truth() {
 
     // Unknown names are refused at enqueue.
     let err = enq
-        .enqueue(
+        .enqueue_job(
             a,
             NewJob::new("rollup", json!({"name": "revenue_by_month"})),
         )
@@ -1424,7 +1423,7 @@ async fn revenue_truth(admin: &PgPool, tenant: TenantId) -> Vec<RollupRow> {
     .unwrap()
 }
 
-async fn seed_revenue(app: &PgPool, tenant: TenantId, scale: f64, issued_always: bool) {
+async fn seed_revenue(app: &Scope, tenant: TenantId, scale: f64, issued_always: bool) {
     let customer = insert(
         app,
         tenant,
@@ -1433,7 +1432,7 @@ async fn seed_revenue(app: &PgPool, tenant: TenantId, scale: f64, issued_always:
         None,
     )
     .await;
-    let mut tx = TenantTx::begin(app, tenant).await.unwrap();
+    let mut tx = app.begin(tenant).await.unwrap();
     for (i, (issued, status, currency, amount)) in [
         ("2026-01-03", "paid", "EUR", 100.0),
         ("2026-01-31", "paid", "EUR", 0.5),
@@ -1471,7 +1470,7 @@ async fn seed_revenue(app: &PgPool, tenant: TenantId, scale: f64, issued_always:
 async fn a_declared_rollup_without_tenant_filter_counts_only_its_tenant() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let catalog = shipped_catalog();
     let declared = catalog.get("revenue_by_month").expect("shipped");
     assert_eq!(declared.kind, DeclaredKind::Rollup);
@@ -1538,7 +1537,7 @@ async fn a_declared_rollup_without_tenant_filter_counts_only_its_tenant() {
 async fn revenue_by_month_survives_an_invoice_without_issue_date() {
     let db = TestDb::new().await;
     let (a, _b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let catalog = shipped_catalog();
     let enq = enqueuer(&db, &catalog).await;
     seed_revenue(&app, a, 1.0, false).await;
@@ -1558,7 +1557,7 @@ async fn revenue_by_month_survives_an_invoice_without_issue_date() {
 // ------------------------------------------------------------------------------------------
 
 /// Customers with colliding mixed-case emails for a tenant, plus other records.
-async fn seed_emails(app: &PgPool, tenant: TenantId, extra: &[&str]) {
+async fn seed_emails(app: &Scope, tenant: TenantId, extra: &[&str]) {
     let mut emails = vec![
         "Ops@Acme.Test",
         "already@lower.test",
@@ -1590,7 +1589,7 @@ async fn seed_emails(app: &PgPool, tenant: TenantId, extra: &[&str]) {
 async fn declared_processing_runs_in_one_tenant() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     let catalog = shipped_catalog();
     let declared = catalog.get("normalise_customer_emails").expect("shipped");
     assert_eq!(declared.kind, DeclaredKind::Process);
@@ -1669,7 +1668,7 @@ async fn declared_processing_runs_in_one_tenant() {
     // Unknown or non-process names are refused at enqueue.
     for name in ["nope", "revenue_by_month", "properties_by_city", "Bad Name"] {
         let err = enq
-            .enqueue(a, NewJob::new("process", json!({"name": name})))
+            .enqueue_job(a, NewJob::new("process", json!({"name": name})))
             .await
             .expect_err(name);
         assert!(
@@ -1745,7 +1744,7 @@ async fn declared_processing_runs_in_one_tenant() {
 async fn a_process_that_switches_tenant_is_rolled_back() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_emails(&app, a, &[]).await;
     seed_emails(&app, b, &[]).await;
     let (a_before, b_before) = (snapshot(&admin, a).await, snapshot(&admin, b).await);
@@ -1921,7 +1920,7 @@ fn invoice_data(number: &str, customer: Uuid, inv: &Inv) -> Value {
 }
 
 /// Some customer of the transaction's tenant, created if there is none.
-async fn some_customer(tx: &mut TenantTx, pick: u32) -> Result<Uuid, sqlx::Error> {
+async fn some_customer(tx: &mut ScopedTx, pick: u32) -> Result<Uuid, sqlx::Error> {
     let customers: Vec<Uuid> =
         sqlx::query_scalar("select id from records where kind = 'customer' order by id")
             .fetch_all(tx.conn().await.unwrap())
@@ -1934,7 +1933,7 @@ async fn some_customer(tx: &mut TenantTx, pick: u32) -> Result<Uuid, sqlx::Error
 
 /// Inserts a record of `kind` into the transaction's tenant.
 async fn insert_random(
-    tx: &mut TenantTx,
+    tx: &mut ScopedTx,
     kind: Kind,
     minute: u32,
     inv: Option<&Inv>,
@@ -1968,13 +1967,13 @@ async fn insert_random(
 }
 
 /// The transaction tenant's records in a stable order: (id, kind, data).
-async fn records_in(tx: &mut TenantTx) -> Result<Vec<(Uuid, String, Value)>, sqlx::Error> {
+async fn records_in(tx: &mut ScopedTx) -> Result<Vec<(Uuid, String, Value)>, sqlx::Error> {
     sqlx::query_as("select id, kind, data from records order by id")
         .fetch_all(tx.conn().await.unwrap())
         .await
 }
 
-async fn apply_op(tx: &mut TenantTx, op: &Op) -> Result<(), sqlx::Error> {
+async fn apply_op(tx: &mut ScopedTx, op: &Op) -> Result<(), sqlx::Error> {
     match op {
         Op::Insert(kind, minute, inv) => {
             insert_random(tx, *kind, *minute, Some(inv)).await?;
@@ -2036,14 +2035,14 @@ async fn apply_op(tx: &mut TenantTx, op: &Op) -> Result<(), sqlx::Error> {
 
 /// One change to B's records, in its own committed transaction.
 async fn apply_noise(
-    app: &PgPool,
+    app: &Scope,
     b: TenantId,
     what: u8,
     minute: u32,
     inv: &Inv,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = TenantTx::begin(app, b).await.map_err(|e| match e {
-        tenant_worker::tenant::Error::Database(e) => e,
+    let mut tx = app.begin(b).await.map_err(|e| match e {
+        tenant_worker::scope::Error::Database(e) => e,
         other => sqlx::Error::Protocol(other.to_string()),
     })?;
     match what {
@@ -2078,7 +2077,7 @@ async fn apply_noise(
 
 struct Fixture {
     db: TestDb,
-    app: PgPool,
+    app: Scope,
     queue: PgPool,
     admin: PgPool,
     enqueuer: Enqueuer,
@@ -2096,16 +2095,10 @@ async fn rollup_now(f: &Fixture, tenant: TenantId, full: bool) -> Value {
         json!({})
     };
     let job = enqueue(&f.enqueuer, tenant, "rollup", args).await;
-    let state = WorkerState::new(
-        f.app.clone(),
-        f.queue.clone(),
-        f.db.keyring(),
-        &f.db.settings,
-    );
+    let worker = f.db.worker(Catalog::new()).await;
     tokio::time::timeout(
         Duration::from_secs(60),
-        worker::run(
-            state,
+        worker.run(
             RunOptions {
                 until_idle: true,
                 name: None,
@@ -2138,7 +2131,7 @@ async fn incremental_case(f: &Fixture, (initial, ops): Scenario) -> Result<(), T
             .await
             .map_err(tc)?;
     }
-    let mut tx = TenantTx::begin(&f.app, a).await.map_err(tc)?;
+    let mut tx = f.app.begin(a).await.map_err(tc)?;
     for (kind, minute, inv) in &initial {
         insert_random(&mut tx, *kind, *minute, Some(inv))
             .await
@@ -2149,12 +2142,12 @@ async fn incremental_case(f: &Fixture, (initial, ops): Scenario) -> Result<(), T
     prop_assert_eq!(&first["records_per_kind_per_day"]["mode"], "full");
     let b_rollups = rollups_exact(&f.admin, b).await;
 
-    let mut tx = TenantTx::begin(&f.app, a).await.map_err(tc)?;
+    let mut tx = f.app.begin(a).await.map_err(tc)?;
     for op in &ops {
         match op {
             Op::Commit => {
                 tx.commit().await.map_err(tc)?;
-                tx = TenantTx::begin(&f.app, a).await.map_err(tc)?;
+                tx = f.app.begin(a).await.map_err(tc)?;
             }
             Op::Noise(what, minute, inv) => {
                 apply_noise(&f.app, b, *what, *minute, inv)
@@ -2224,7 +2217,7 @@ fn incremental_equals_full_after_random_changes() {
     let fixture = rt.block_on(async {
         let db = TestDb::new().await;
         let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-        let (app, queue, admin) = (db.app().await, db.queue().await, db.admin().await);
+        let (app, queue, admin) = (db.scope().await, db.queue().await, db.admin().await);
         let enqueuer = enqueuer(&db, &Catalog::new()).await;
         let f = Fixture {
             db,
@@ -2272,7 +2265,7 @@ fn incremental_equals_full_after_random_changes() {
 async fn the_cli_imports_rolls_up_processes_and_shows() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let (app, admin, queue_pool) = (db.app().await, db.admin().await, db.queue().await);
+    let (app, admin, queue_pool) = (db.scope().await, db.admin().await, db.queue().await);
     seed_emails(&app, b, &[]).await;
     let b_before = snapshot(&admin, b).await;
     let root = tempfile::tempdir().unwrap();

@@ -2,10 +2,9 @@
 //! tests show that sharing changes nothing about what a job can see or what takes effect.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::json;
-use tenant_worker::envelope::TenantId;
+use tenant_worker::TenantId;
 use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::NewJob;
 use tenant_worker::tenant;
@@ -63,7 +62,7 @@ fn largest_round(
 async fn jobs_of_two_tenants_queued_together_share_rounds_and_each_sees_only_its_own_rows() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed_towers(&app, a, 5).await;
     seed_towers(&app, b, 2).await;
 
@@ -102,7 +101,7 @@ async fn jobs_of_two_tenants_queued_together_share_rounds_and_each_sees_only_its
 async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effect() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed_towers(&app, a, 3).await;
     seed_towers(&app, b, 3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -130,7 +129,7 @@ async fn a_failing_job_in_a_round_is_rolled_back_alone_and_the_others_take_effec
         "update records set data = data || '{\"second\": true}' where kind = 'property'",
     );
     let catalog = Catalog::load(dir.path(), true).unwrap();
-    let enqueuer = db.enqueuer().await.with_catalog(Arc::new(catalog.clone()));
+    let enqueuer = db.enqueuer_with(catalog.clone()).await;
     let jobs = ["mark_first", "break_rows", "mark_second"]
         .iter()
         .map(|n| (a, NewJob::new("process", json!({ "name": n }))))
@@ -189,7 +188,7 @@ async fn jobs_of_a_suspended_or_unknown_tenant_are_rejected_as_a_round_and_touch
     let db = TestDb::new().await;
     let (a, c) = (db.tenant("Northwind").await, db.tenant("Cobalt").await);
     let ghost = TenantId(Uuid::new_v4());
-    let app = db.app().await;
+    let app = db.scope().await;
     seed_towers(&app, a, 2).await;
     seed_towers(&app, c, 2).await;
     let admin = db.admin().await;

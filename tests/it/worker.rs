@@ -9,14 +9,15 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use serde_json::value::RawValue;
 use sqlx::{Executor, PgPool};
+use tenant_worker::db::{self, audit};
 use tenant_worker::embedded::EphemeralCluster;
-use tenant_worker::envelope::{
-    self, Envelope, JobId, KeyId, Rejection, Signer, TenantId, Unsigned,
-};
+use tenant_worker::envelope::{Envelope, Rejection, Unsigned};
+use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::{self, Enqueuer, NewJob};
-use tenant_worker::tenant;
-use tenant_worker::worker::{self, RunOptions, Summary, WorkerState};
-use tenant_worker::{audit, config, db};
+use tenant_worker::{
+    JobId, KeyId, RunOptions, Scope, Signer, Summary, TenantId, Worker, client, config, jobs,
+    tenant,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -177,7 +178,7 @@ async fn with_worker<F: Future>(
 async fn a_job_reads_and_writes_only_its_tenants_rows() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("Northwind").await, db.tenant("Helios").await);
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 5).await;
     seed(&app, b, 2).await;
     let admin = db.admin().await;
@@ -242,7 +243,7 @@ async fn tampered_jobs_are_rejected_with_their_own_reason_and_touch_nothing() {
         db.tenant("B").await,
         db.tenant("C").await,
     );
-    let app = db.app().await;
+    let app = db.scope().await;
     seed(&app, a, 3).await;
     seed(&app, b, 4).await;
     let admin = db.admin().await;
@@ -317,9 +318,23 @@ async fn tampered_jobs_are_rejected_with_their_own_reason_and_touch_nothing() {
     .await;
     bad.push(("not JSON", garbage, "payload is not a valid job envelope"));
 
-    let job = unsigned(a, "frobnicate", json!({}));
-    insert_signed(&db, &admin, &db.signer, &job).await;
-    bad.push(("unknown kind", job.job_id, "unknown job kind `frobnicate`"));
+    // A kind no worker has registered is not rejected: it waits for a worker that runs it.
+    let unknown_kind = unsigned(a, "frobnicate", json!({}));
+    insert_signed(&db, &admin, &db.signer, &unknown_kind).await;
+    // A row without a routing kind is fetched and verified like any other: its signed kind,
+    // which no worker runs, is rejected.
+    let unrouted = unsigned(a, "frobnicate", json!({}));
+    insert_signed(&db, &admin, &db.signer, &unrouted).await;
+    sqlx::query("update apalis.jobs set metadata = delete(metadata, 'kind') where id = $1")
+        .bind(row_id(unrouted.job_id))
+        .execute(&admin)
+        .await
+        .unwrap();
+    bad.push((
+        "signed kind unknown to the worker",
+        unrouted.job_id,
+        "unknown job kind `frobnicate`",
+    ));
 
     // Valid jobs of another tenant in the same run, plus the donor.
     let mut good = vec![(a, donor)];
@@ -380,6 +395,16 @@ async fn tampered_jobs_are_rejected_with_their_own_reason_and_touch_nothing() {
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].0, *tenant);
     }
+    let waiting = show(&queue_pool, unknown_kind.job_id).await;
+    assert_eq!(waiting.state, "pending", "{waiting:?}");
+    assert!(
+        waiting
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("no worker has registered kind `frobnicate`")),
+        "{waiting:?}"
+    );
+    assert!(runs_of(&admin, unknown_kind.job_id).await.is_empty());
     let b_result = &runs_of(&admin, good[1].1).await[0].2;
     assert_eq!(b_result.as_ref(), Some(&json!({"records_visible": 4})));
     // Nothing but the valid jobs left a trace; no tenant data changed.
@@ -835,6 +860,7 @@ async fn the_worker_survives_a_database_restart() {
         db::queue_pool(&settings, &urls).await.unwrap(),
         signer,
         &settings,
+        std::sync::Arc::new(jobs::builtins(&settings, Default::default())),
     );
     // 100 ms per job (8 at a time) keeps the first batch busy for ~0.7 s, so the restart
     // lands while jobs are in flight.
@@ -853,17 +879,20 @@ async fn the_worker_survives_a_database_restart() {
         .await
         .unwrap()
         .into_iter()
-        .flatten()
+        .map(|e| e.id)
         .collect();
     assert_eq!(ids.len(), 50);
 
-    let keyring = envelope::keyring_from_settings(&settings.keys, None).unwrap();
-    let state = WorkerState::new(
-        db::app_pool(&settings, &urls).await.unwrap(),
+    let keyring = client::keyring(&settings, None).unwrap();
+    let worker = Worker::builder(
+        Scope::new(db::app_pool(&settings, &urls).await.unwrap()),
         db::queue_pool(&settings, &urls).await.unwrap(),
         keyring,
         &settings,
-    );
+    )
+    .registry(&jobs::builtins(&settings, Default::default()))
+    .build()
+    .unwrap();
     let token = CancellationToken::new();
     let done = |admin: PgPool| async move {
         sqlx::query_scalar::<_, i64>("select count(*) from apalis.jobs where status = 'Done'")
@@ -892,7 +921,7 @@ async fn the_worker_survives_a_database_restart() {
                 .await
                 .unwrap()
                 .into_iter()
-                .flatten(),
+                .map(|e| e.id),
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         while done(admin.clone()).await.unwrap_or(0) < 100 {
@@ -908,7 +937,7 @@ async fn the_worker_survives_a_database_restart() {
     let worker = async {
         tokio::time::timeout(
             Duration::from_secs(100),
-            worker::run(state, RunOptions::default(), token.clone()),
+            worker.run(RunOptions::default(), token.clone()),
         )
         .await
         .expect("worker stopped in time")
@@ -1062,10 +1091,10 @@ async fn enqueue_inside_a_callers_transaction_exists_only_if_committed() {
 
     let mut tx = queue_pool.begin().await.unwrap();
     let rolled_back = enqueuer
-        .enqueue_in(&mut tx, a, NewJob::new("noop", json!({})))
+        .enqueue_job_in(&mut tx, a, NewJob::new("noop", json!({})))
         .await
         .unwrap()
-        .unwrap();
+        .id;
     let inside: i64 = sqlx::query_scalar("select count(*) from apalis.jobs where id = $1")
         .bind(row_id(rolled_back))
         .fetch_one(&mut *tx)
@@ -1080,10 +1109,10 @@ async fn enqueue_inside_a_callers_transaction_exists_only_if_committed() {
 
     let mut tx = queue_pool.begin().await.unwrap();
     let committed = enqueuer
-        .enqueue_in(&mut tx, b, NewJob::new("noop", json!({})))
+        .enqueue_job_in(&mut tx, b, NewJob::new("noop", json!({})))
         .await
         .unwrap()
-        .unwrap();
+        .id;
     assert!(
         matches!(
             queue::show(&queue_pool, &committed.to_string()).await,
@@ -1104,7 +1133,7 @@ async fn enqueue_inside_a_callers_transaction_exists_only_if_committed() {
         .await
         .unwrap()
         .into_iter()
-        .map(|j| j.unwrap())
+        .map(|j| j.id)
         .collect();
     assert_eq!(ids.len(), 3);
     assert_eq!(ids.iter().map(|j| j.0).collect::<BTreeSet<_>>().len(), 3);
@@ -1121,7 +1150,7 @@ async fn enqueue_inside_a_callers_transaction_exists_only_if_committed() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, queue::Error::Invalid(Rejection::UnknownKind(k)) if k == "frobnicate"),
+        matches!(&err, queue::Error::Invalid(Rejection::UnknownKind { kind, .. }) if kind == "frobnicate"),
         "{err:?}"
     );
     let after: i64 = sqlx::query_scalar("select count(*) from apalis.jobs")
@@ -1151,14 +1180,24 @@ async fn key_rotation() {
     let new = helpers::add_key(&mut db.settings, dir.path(), "new");
     let queue_pool = db.queue().await;
     let admin = db.admin().await;
-    let with_old = Enqueuer::new(queue_pool.clone(), old, &db.settings);
-    let with_new = Enqueuer::new(queue_pool.clone(), new, &db.settings);
+    let with_old = Enqueuer::new(
+        queue_pool.clone(),
+        old,
+        &db.settings,
+        db.kinds(Catalog::new()),
+    );
+    let with_new = Enqueuer::new(
+        queue_pool.clone(),
+        new,
+        &db.settings,
+        db.kinds(Catalog::new()),
+    );
 
     let before = with_old
-        .enqueue(a, NewJob::new("noop", json!({})))
+        .enqueue_job(a, NewJob::new("noop", json!({})))
         .await
         .unwrap()
-        .unwrap();
+        .id;
     let summary = db.run_until_idle().await;
     assert_eq!(summary.done, 1, "{summary:?}");
     assert_eq!(show(&queue_pool, before).await.state, "done");
@@ -1166,15 +1205,15 @@ async fn key_rotation() {
     // Rotation: "old" is no longer listed; the worker gets the new keyring.
     db.settings.keys.verifying.remove("old");
     let after_old = with_old
-        .enqueue(a, NewJob::new("noop", json!({})))
+        .enqueue_job(a, NewJob::new("noop", json!({})))
         .await
         .unwrap()
-        .unwrap();
+        .id;
     let after_new = with_new
-        .enqueue(a, NewJob::new("noop", json!({})))
+        .enqueue_job(a, NewJob::new("noop", json!({})))
         .await
         .unwrap()
-        .unwrap();
+        .id;
     let summary = db.run_until_idle().await;
     assert_eq!((summary.done, summary.rejected), (1, 1), "{summary:?}");
     let info = show(&queue_pool, after_old).await;
@@ -1204,7 +1243,7 @@ async fn key_rotation() {
 async fn stopped_worker_generations_leave_no_queue_connection_inside_a_transaction() {
     let db = TestDb::new().await;
     let a = db.tenant("Northwind").await;
-    let (app, queue_pool, admin) = (db.app().await, db.queue().await, db.admin().await);
+    let (app, queue_pool, admin) = (db.scope().await, db.queue().await, db.admin().await);
     let stuck = || async {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
@@ -1223,10 +1262,13 @@ async fn stopped_worker_generations_leave_no_queue_connection_inside_a_transacti
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    let kinds = db.kinds(Catalog::new());
     let run = |until_idle: bool, shutdown: CancellationToken| {
-        let state = WorkerState::new(app.clone(), queue_pool.clone(), db.keyring(), &db.settings);
-        tokio::spawn(worker::run(
-            state,
+        let worker = Worker::builder(app.clone(), queue_pool.clone(), db.keyring(), &db.settings)
+            .registry(&kinds)
+            .build()
+            .unwrap();
+        tokio::spawn(worker.run(
             RunOptions {
                 until_idle,
                 name: None,
@@ -1237,13 +1279,18 @@ async fn stopped_worker_generations_leave_no_queue_connection_inside_a_transacti
     // Jobs keep arriving (each NOTIFY wakes a fetch) while workers start and stop.
     let arriving = CancellationToken::new();
     let producer = {
-        let enqueuer = Enqueuer::new(queue_pool.clone(), db.signer.clone(), &db.settings);
+        let enqueuer = Enqueuer::new(
+            queue_pool.clone(),
+            db.signer.clone(),
+            &db.settings,
+            db.kinds(Catalog::new()),
+        );
         let arriving = arriving.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
             while !arriving.is_cancelled() {
                 enqueuer
-                    .enqueue(a, NewJob::new("noop", json!({})))
+                    .enqueue_job(a, NewJob::new("noop", json!({})))
                     .await
                     .unwrap();
                 n += 1;

@@ -1,7 +1,11 @@
 //! The `tenant-worker` binary: parse the command line, set up logging, run the command.
 
+mod bench;
+mod cli;
+mod demo;
+
 use clap::Parser as _;
-use tenant_worker::{cli, telemetry};
+use tenant_worker::telemetry;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -12,18 +12,21 @@ use secrecy::SecretString;
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Settings};
-use crate::db::{self, DbUrls};
-use crate::embedded::EphemeralCluster;
-use crate::envelope::{self, KeyId, Signer, TenantId};
-use crate::queue::{self, Enqueuer, NewJob};
-use crate::scheduler::{self, Scheduler};
-use crate::tenant::{self, TenantTx};
-use crate::worker::{self, RunOptions, WorkerState};
 use std::sync::Arc;
 
-/// Cities of the sample properties (also used by the benchmark).
-pub(crate) const CITIES: &[&str] = &[
+use tenant_worker::config::{self, Settings};
+use tenant_worker::db::{self, DbUrls};
+use tenant_worker::embedded::EphemeralCluster;
+use tenant_worker::envelope::keys;
+use tenant_worker::jobs::declared::Catalog;
+use tenant_worker::queue::{self, NewJob};
+use tenant_worker::schedule::{Scheduler, store};
+use tenant_worker::{
+    Enqueuer, KeyId, RunOptions, Scope, Signer, TenantId, Worker, client, jobs, tenant,
+};
+
+/// Cities of the sample properties.
+const CITIES: &[&str] = &[
     "Springfield",
     "Riverton",
     "Lakeside",
@@ -57,8 +60,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     settings.database.queue_url = None;
     settings.worker.poll_interval_ms = 100;
     let keys = tempfile::tempdir().context("temporary key directory")?;
-    let (kid, private, public) =
-        envelope::generate_key_pair(keys.path(), Some(KeyId::parse("demo")?))?;
+    let (kid, private, public) = keys::generate_key_pair(keys.path(), Some(KeyId::parse("demo")?))?;
     settings.keys.signing_key_file = Some(private.clone());
     settings.keys.signing_key_id = Some(kid.to_string());
     settings.keys.verifying.clear();
@@ -72,7 +74,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
 
     let admin = db::admin_pool(&settings, &urls).await?;
-    let app = db::app_pool(&settings, &urls).await?;
+    let app = Scope::new(db::app_pool(&settings, &urls).await?);
     let queue_pool = db::queue_pool(&settings, &urls).await?;
     let owner = &settings.roles.owner;
     let northwind = tenant::add(&admin, owner, "Northwind Properties").await?.id;
@@ -84,10 +86,11 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
 
     // Signed jobs for each tenant, plus one whose stored tenant id is tampered with.
-    let catalog = Arc::new(settings.jobs.catalog().context("loading declared jobs")?);
+    let (jobs_dir, required) = settings.jobs.source();
+    let catalog = Arc::new(Catalog::load(jobs_dir, required).context("loading declared jobs")?);
+    let kinds = Arc::new(jobs::builtins(&settings, catalog.clone()));
     let signer = Signer::from_file(kid, &private)?;
-    let enqueuer =
-        Enqueuer::new(queue_pool.clone(), signer, &settings).with_catalog(catalog.clone());
+    let enqueuer = Enqueuer::new(queue_pool.clone(), signer, &settings, kinds.clone());
     let mut jobs = Vec::new();
     let mut sources = vec![("v_property", "csv"), ("v_invoice", "jsonl")];
     if catalog.get("properties_by_city").is_some() {
@@ -98,25 +101,25 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         ("Helios Solar", helios),
     ] {
         let id = enqueuer
-            .enqueue(t, NewJob::new("noop", serde_json::json!({ "count": true })))
+            .enqueue_job(t, NewJob::new("noop", serde_json::json!({ "count": true })))
             .await?
-            .context("job not enqueued")?;
+            .id;
         jobs.push((name, t, id));
         for (source, format) in &sources {
             let args = serde_json::json!({ "source": source, "format": format });
             let id = enqueuer
-                .enqueue(t, NewJob::new("export", args))
+                .enqueue_job(t, NewJob::new("export", args))
                 .await?
-                .context("job not enqueued")?;
+                .id;
             jobs.push((name, t, id));
         }
     }
     // A schedule that fires every second, for Northwind: the scheduler turns its due fire
     // into one signed job.
     let sched_pool = db::scheduler_pool(&settings, &urls).await?;
-    scheduler::add(
+    store::add(
         &app,
-        &catalog,
+        &kinds,
         northwind,
         "* * * * * *",
         "UTC",
@@ -130,12 +133,12 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         jobs.push(("Northwind Properties", northwind, id));
     }
     let victim = enqueuer
-        .enqueue(
+        .enqueue_job(
             helios,
             NewJob::new("noop", serde_json::json!({ "count": true })),
         )
         .await?
-        .context("job not enqueued")?;
+        .id;
     sqlx::query(
         "update apalis.jobs set job = convert_to(replace(convert_from(job, 'UTF8'), $1, $2), 'UTF8') where id = $3",
     )
@@ -149,18 +152,19 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         jobs.len()
     );
 
-    let keyring = envelope::keyring_from_settings(&settings.keys, None)?;
-    let state = WorkerState::new(app.clone(), queue_pool.clone(), keyring, &settings)
-        .with_catalog((*catalog).clone());
-    let summary = worker::run(
-        state,
-        RunOptions {
-            until_idle: true,
-            name: Some("demo".into()),
-        },
-        CancellationToken::new(),
-    )
-    .await?;
+    let keyring = client::keyring(&settings, None)?;
+    let worker = Worker::builder(app.clone(), queue_pool.clone(), keyring, &settings)
+        .registry(&kinds)
+        .build()?;
+    let summary = worker
+        .run(
+            RunOptions {
+                until_idle: true,
+                name: Some("demo".into()),
+            },
+            CancellationToken::new(),
+        )
+        .await?;
     println!(
         "worker ran until idle: {} done, {} rejected",
         summary.done, summary.rejected
@@ -168,7 +172,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     println!();
     for (name, _tenant, id) in &jobs {
         let info = queue::show(&queue_pool, &id.to_string()).await?;
-        let result = info.last_result.as_ref().and_then(|r| r.get("Ok"));
+        let result = info.result();
         let what = match (info.kind.as_deref(), result) {
             (Some("noop"), Some(r)) => format!(
                 "saw {} records",
@@ -232,7 +236,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
     admin.close().await;
     sched_pool.close().await;
-    app.close().await;
+    app.pool().close().await;
     queue_pool.close().await;
     anyhow::ensure!(ok, "isolation proof failed");
     Ok(())
@@ -240,13 +244,13 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
 
 /// Realistic sample data, written through the scoped transaction as the app role.
 async fn seed(
-    app: &PgPool,
+    app: &Scope,
     t: TenantId,
     properties: i64,
     customers: i64,
     invoices: i64,
 ) -> Result<i64> {
-    let mut tx = TenantTx::begin(app, t).await?;
+    let mut tx = app.begin(t).await?;
     let cities: Vec<String> = CITIES.iter().map(|c| c.to_string()).collect();
     sqlx::query(
         r#"insert into records (tenant_id, kind, data)
@@ -299,10 +303,10 @@ async fn seed(
     Ok(n)
 }
 
-async fn visible_as(app: &PgPool, t: Option<TenantId>) -> Result<i64> {
+async fn visible_as(app: &Scope, t: Option<TenantId>) -> Result<i64> {
     Ok(match t {
         Some(t) => {
-            let mut tx = TenantTx::begin(app, t).await?;
+            let mut tx = app.begin(t).await?;
             let n = sqlx::query_scalar("select count(*) from records")
                 .fetch_one(tx.conn().await?)
                 .await?;
@@ -311,7 +315,7 @@ async fn visible_as(app: &PgPool, t: Option<TenantId>) -> Result<i64> {
         }
         None => {
             sqlx::query_scalar("select count(*) from records")
-                .fetch_one(app)
+                .fetch_one(app.pool())
                 .await?
         }
     })

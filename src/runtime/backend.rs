@@ -1,12 +1,13 @@
 //! Our apalis backend over apalis-postgres's `apalis.jobs` table: the same rows, states and
-//! maintenance queries, with a fetch designed for scoped transactions.
+//! maintenance queries, with a fetch designed for scoped transactions. (Outcomes are written
+//! back by [`super::ack`].)
 //!
 //! apalis-postgres's fetch (`apalis.get_jobs`) takes the oldest runnable jobs whatever their
 //! tenant, so a batch of 32 from a queue shared by 100 tenants holds 32 different tenants and
 //! every job needs its own scoped transaction. [`TenantStorage`] fetches **the oldest runnable
 //! job and more runnable jobs of the same tenant** (by the unsigned routing copy of the tenant
 //! id in the row's metadata), so the worker can run them in one scoped transaction (see
-//! `rounds`). The routing copy decides only which jobs travel together: every job's signed
+//! [`super::rounds`]). The routing copy decides only which jobs travel together: every job's signed
 //! envelope is still verified, and a job whose signed tenant differs from its batch's runs in
 //! its own round. The fetch also marks the rows `Running` at once, so apalis's separate per-job
 //! lock update is not needed (`lock_tasks` off); the shutdown and orphan re-enqueue queries
@@ -31,13 +32,15 @@ use serde_json::Value;
 use sqlx::PgPool;
 use ulid::Ulid;
 
-/// The fetch: the oldest runnable job (apalis's order: priority, then `run_at`) picks the
-/// tenant; up to `$3` runnable jobs of that tenant are taken, oldest first, and marked
-/// `Running` for worker `$1` in the same statement. `SKIP LOCKED` in both steps lets workers
-/// fetch concurrently; two workers take different heads, so usually different tenants. A row
-/// without a routing tenant groups with the other such rows (`''`).
+/// The fetch: the oldest runnable job of a kind this worker runs (apalis's order: priority,
+/// then `run_at`) picks the tenant; up to `$3` runnable jobs of that tenant and those kinds are
+/// taken, oldest first, and marked `Running` for worker `$1` in the same statement. `SKIP
+/// LOCKED` in both steps lets workers fetch concurrently; two workers take different heads, so
+/// usually different tenants. A row without a routing tenant groups with the other such rows
+/// (`''`). Jobs of kinds this worker has not registered (`$4`) stay pending for a worker that
+/// has.
 ///
-/// Served by the partial index `apalis_jobs_tenant_fetch` (see `db::tune_queue`).
+/// Served by the partial index `apalis_jobs_tenant_fetch` (see `db::setup`).
 const FETCH: &str = "
 with head as (
     select coalesce(metadata -> 'tenant_id', '') as tenant
@@ -45,6 +48,7 @@ with head as (
     where job_type = $2
       and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
       and run_at < now()
+      and coalesce(metadata -> 'kind', '') = any($4)
     order by priority desc, run_at asc
     limit 1
     for update skip locked
@@ -56,6 +60,7 @@ picked as (
       and (j.status = 'Pending' or (j.status = 'Failed' and j.attempts < j.max_attempts))
       and j.run_at < now()
       and coalesce(j.metadata -> 'tenant_id', '') = (select tenant from head)
+      and coalesce(j.metadata -> 'kind', '') = any($4)
     order by j.priority desc, j.run_at asc
     limit $3
     for update skip locked
@@ -64,7 +69,7 @@ update apalis.jobs j
 set status = 'Running', lock_by = $1, lock_at = now()
 from picked
 where j.id = picked.id
-returning j.id, j.job, j.job_type, j.attempts";
+returning j.id, j.job, j.job_type, j.attempts, j.max_attempts";
 
 /// apalis-postgres's `queries/worker/register.sql` (its function takes a private type).
 const REGISTER: &str = "
@@ -83,6 +88,7 @@ struct Row {
     job: Vec<u8>,
     job_type: String,
     attempts: i32,
+    max_attempts: i32,
 }
 
 /// One job of a fetched [`Group`].
@@ -92,6 +98,8 @@ pub struct Delivery {
     pub id: String,
     /// The 1-based attempt this delivery is.
     pub attempt: u32,
+    /// The job's attempt limit, stored with it at enqueue.
+    pub max_attempts: u32,
     /// The stored payload, undecoded: the handler verifies it.
     pub payload: Vec<u8>,
 }
@@ -122,6 +130,7 @@ impl Group {
                 .map(|r| Delivery {
                     id: r.id,
                     attempt: r.attempts.max(0) as u32 + 1,
+                    max_attempts: r.max_attempts.max(1) as u32,
                     payload: r.job,
                 })
                 .collect(),
@@ -136,7 +145,8 @@ impl Group {
 }
 
 /// The wire form of a [`Group`] inside apalis: per job, the id's length (u16) and bytes, the
-/// attempt (u32) and the payload's length (u32) and bytes, little-endian. Decoding never fails:
+/// attempt (u32), the attempt limit (u32) and the payload's length (u32) and bytes,
+/// little-endian. Decoding never fails:
 /// a truncated tail (which our own encoder never writes) is dropped.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GroupCodec;
@@ -146,13 +156,14 @@ impl GroupCodec {
         let size: usize = group
             .jobs
             .iter()
-            .map(|j| 10 + j.id.len() + j.payload.len())
+            .map(|j| 14 + j.id.len() + j.payload.len())
             .sum();
         let mut out = Vec::with_capacity(size);
         for j in &group.jobs {
             out.extend_from_slice(&(j.id.len() as u16).to_le_bytes());
             out.extend_from_slice(j.id.as_bytes());
             out.extend_from_slice(&j.attempt.to_le_bytes());
+            out.extend_from_slice(&j.max_attempts.to_le_bytes());
             out.extend_from_slice(&(j.payload.len() as u32).to_le_bytes());
             out.extend_from_slice(&j.payload);
         }
@@ -177,6 +188,9 @@ impl GroupCodec {
             let Some(attempt) = take(&mut bytes, 4) else {
                 break;
             };
+            let Some(max_attempts) = take(&mut bytes, 4) else {
+                break;
+            };
             let Some(size) = take(&mut bytes, 4) else {
                 break;
             };
@@ -186,6 +200,7 @@ impl GroupCodec {
             jobs.push(Delivery {
                 id: String::from_utf8_lossy(id).into_owned(),
                 attempt: u32_le(attempt),
+                max_attempts: u32_le(max_attempts),
                 payload: payload.to_vec(),
             });
         }
@@ -211,6 +226,8 @@ impl Codec<Group> for GroupCodec {
 pub struct TenantPersistence {
     pool: PgPool,
     config: Config,
+    /// The kinds this worker runs: the only ones it fetches.
+    kinds: Vec<String>,
 }
 
 impl Persistence for TenantPersistence {
@@ -227,7 +244,7 @@ impl Persistence for TenantPersistence {
             .bind(worker.name())
             .bind(queue)
             .bind("TenantStorage")
-            .bind(worker.get_service())
+            .bind(format!("kinds:{}", self.kinds.join(",")))
             .execute(&mut *tx)
             .await?;
         if res.rows_affected() == 0 {
@@ -253,6 +270,7 @@ impl Persistence for TenantPersistence {
             .bind(worker.name())
             .bind(self.config.queue.as_ref())
             .bind(self.config.batch_size as i32)
+            .bind(&self.kinds)
             .fetch_all(&self.pool)
             .await?;
         Ok(Group::task(rows).into_iter().collect())
@@ -310,12 +328,13 @@ pub struct TenantStorage {
 }
 
 impl TenantStorage {
-    /// A backend for `config.queue` on `pool` (the queue role's).
-    pub fn new(pool: &PgPool, config: Config) -> Self {
+    /// A backend for `config.queue` on `pool` (the queue role's), fetching jobs of `kinds`.
+    pub fn new(pool: &PgPool, config: Config, kinds: Vec<String>) -> Self {
         Self {
             persistence: Persisted::new(TenantPersistence {
                 pool: pool.clone(),
                 config,
+                kinds,
             }),
             codec: GroupCodec,
         }
@@ -381,129 +400,6 @@ impl WireFormatBackend for TenantStorage {
     }
 }
 
-/// How one delivery of a job ended, as written back to its row: what apalis's own ack writes
-/// (`status`, `attempts`, `last_result` as `{"Ok": ..}` / `{"Err": ..}`, `done_at`), plus the
-/// retry's new `run_at` in the same statement.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct Ack {
-    /// Row id (the ULID).
-    pub id: String,
-    /// The worker that fetched it; a row since re-enqueued and taken by another is left alone.
-    pub worker: String,
-    /// `Done`, `Failed` or `Killed`.
-    pub status: &'static str,
-    /// The 1-based attempt that just ended.
-    pub attempt: u32,
-    /// `{"Ok": result}` or `{"Err": message}`.
-    pub result: Value,
-    /// For a failure that will be retried: fetch it again only after this many milliseconds.
-    pub retry_in_ms: Option<f64>,
-}
-
-/// The acks of every job that ended while the previous write was in flight, in one statement.
-const ACK: &str = "
-with d as (
-    select * from jsonb_to_recordset($1::jsonb)
-        as d(id text, worker text, status text, attempt integer, result jsonb,
-             retry_in_ms double precision)
-)
-update apalis.jobs j
-set status = d.status, attempts = d.attempt, last_result = d.result, done_at = now(),
-    run_at = case when d.retry_in_ms is null then j.run_at
-                  else now() + d.retry_in_ms * interval '1 millisecond' end
-from d
-where j.id = d.id and j.lock_by = d.worker";
-
-type AckReply = tokio::sync::oneshot::Sender<Result<(), String>>;
-type AckItem = (Vec<Ack>, AckReply);
-
-/// Writes job outcomes back to the queue, batched: one writer per worker process takes every
-/// ack that arrived while its previous statement ran (group commit), so acks cost one round
-/// trip and one commit per batch and never wait behind the fetch, as apalis's own acks do in
-/// its backend's single state machine. A handler returns only once its ack is written, so a
-/// worker that stops has written every ack of the jobs it finished.
-#[derive(Debug)]
-pub(crate) struct Acker {
-    pool: PgPool,
-    writer: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<AckItem>>>,
-}
-
-impl Acker {
-    /// An acker writing through `pool` (the queue role's).
-    pub(crate) fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            writer: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Writes `acks` (with whatever else is waiting) and returns once they are committed.
-    ///
-    /// # Errors
-    /// Only when the outcomes cannot be encoded: database errors are retried until the write
-    /// succeeds (or nobody waits any more).
-    pub(crate) async fn ack(&self, acks: Vec<Ack>) -> Result<(), String> {
-        let (reply, done) = tokio::sync::oneshot::channel();
-        {
-            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let unsent = match writer.as_ref() {
-                Some(w) => w.send((acks, reply)).err().map(|e| e.0),
-                None => Some((acks, reply)),
-            };
-            if let Some(item) = unsent {
-                let (w, queue) = tokio::sync::mpsc::unbounded_channel();
-                let _ = w.send(item);
-                *writer = Some(w);
-                tokio::spawn(write_acks(self.pool.clone(), queue));
-            }
-        }
-        done.await
-            .unwrap_or_else(|_| Err("the ack writer stopped".into()))
-    }
-}
-
-async fn write_acks(pool: PgPool, mut queue: tokio::sync::mpsc::UnboundedReceiver<AckItem>) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match queue.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let rows: Vec<&Ack> = batch.iter().flat_map(|(a, _)| a).collect();
-        let json = match serde_json::to_value(&rows) {
-            Ok(json) => json,
-            Err(e) => {
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-                continue;
-            }
-        };
-        // A database that went away must not lose an outcome: retry, backing off, for as long
-        // as some handler still waits for it (a worker cut off by its shutdown timeout stops
-        // waiting; `run` then releases its jobs, or orphan recovery does).
-        let mut pause = std::time::Duration::from_millis(50);
-        let written = loop {
-            match sqlx::query(ACK).bind(&json).execute(&pool).await {
-                Ok(_) => break Ok(()),
-                Err(e) if batch.iter().all(|(_, reply)| reply.is_closed()) => {
-                    break Err(e.to_string());
-                }
-                Err(e) => {
-                    tracing::warn!(error.message = %e, jobs = rows.len(), "could not record job outcomes in the queue; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
-                }
-            }
-        };
-        for (_, reply) in batch {
-            let _ = reply.send(written.clone());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,6 +408,7 @@ mod tests {
         Delivery {
             id: id.into(),
             attempt,
+            max_attempts: attempt + 2,
             payload: payload.to_vec(),
         }
     }
@@ -536,7 +433,7 @@ mod tests {
             jobs: vec![delivery("a", 1, b"first"), delivery("b", 2, b"second")],
         };
         let bytes = GroupCodec.encode(&group).unwrap();
-        let first_len = 2 + 1 + 4 + 4 + 5;
+        let first_len = 2 + 1 + 4 + 4 + 4 + 5;
         for cut in first_len..bytes.len() {
             let decoded = GroupCodec.decode(&bytes[..cut].to_vec()).unwrap();
             assert_eq!(decoded.jobs, group.jobs[..1], "cut at {cut}");

@@ -1,0 +1,136 @@
+//! Setup, tenants, keys, the audit and the local cluster.
+
+use anyhow::{Context as _, Result};
+use tenant_worker::db::{self, DbUrls, audit};
+use tenant_worker::envelope::keys;
+use tenant_worker::{KeyId, Settings, embedded, tenant};
+
+use super::{DevCommand, KeysCommand, TenantCommand};
+
+async fn resolve(settings: &Settings) -> Result<DbUrls> {
+    super::note_local_default(settings);
+    DbUrls::resolve(settings)
+        .await
+        .context("could not reach the database")
+}
+
+pub async fn setup(settings: &Settings) -> Result<()> {
+    let urls = resolve(settings).await?;
+    // On the local default, resolving ran setup already when the cluster was new; running
+    // it again is cheap and repairs what changed since.
+    db::setup(settings, &urls).await.context("setup failed")?;
+    println!("setup complete: roles, migrations and grants are in place");
+    Ok(())
+}
+
+pub async fn migrate(settings: &Settings) -> Result<()> {
+    let urls = resolve(settings).await?;
+    db::migrate(settings, &urls)
+        .await
+        .context("migration failed")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+pub async fn tenant(settings: &Settings, cmd: TenantCommand) -> Result<()> {
+    let urls = resolve(settings).await?;
+    let admin = db::admin_pool(settings, &urls).await?;
+    let owner = &settings.roles.owner;
+    match cmd {
+        TenantCommand::Add { name } => {
+            let t = tenant::add(&admin, owner, &name).await?;
+            println!("{}", t.id);
+        }
+        TenantCommand::List => {
+            let tenants = tenant::list(&admin, owner).await?;
+            if tenants.is_empty() {
+                println!("no tenants yet: add one with `tenant-worker tenant add --name NAME`");
+            }
+            for t in tenants {
+                println!("{}  {:<9}  {}", t.id, t.status, t.name);
+            }
+        }
+        TenantCommand::Suspend { id } => {
+            tenant::set_status(&admin, owner, id, false).await?;
+            println!("suspended {id}: its jobs will be rejected");
+        }
+        TenantCommand::Activate { id } => {
+            tenant::set_status(&admin, owner, id, true).await?;
+            println!("activated {id}");
+        }
+    }
+    admin.close().await;
+    Ok(())
+}
+
+pub fn keys(cmd: KeysCommand) -> Result<()> {
+    let KeysCommand::Generate { out, key_id } = cmd;
+    let kid = key_id.map(|k| KeyId::parse(&k)).transpose()?;
+    let (kid, private, public) = keys::generate_key_pair(&out, kid)?;
+    println!("key id:      {kid}");
+    println!(
+        "private key: {} (mode 0600; enqueuers only)",
+        private.display()
+    );
+    println!("public key:  {} (workers)", public.display());
+    println!();
+    println!("# worker.toml");
+    println!("[keys]");
+    println!("signing_key_file = {:?}", private.display().to_string());
+    println!("signing_key_id = \"{kid}\"");
+    println!("[keys.verifying]");
+    println!("{kid} = {:?}", public.display().to_string());
+    Ok(())
+}
+
+pub async fn audit(settings: &Settings) -> Result<i32> {
+    let urls = resolve(settings).await?;
+    let admin = db::admin_pool(settings, &urls).await?;
+    let checks = audit::run(&admin, &settings.roles).await?;
+    admin.close().await;
+    print_checks(&checks);
+    Ok(if audit::failures(&checks) > 0 { 1 } else { 0 })
+}
+
+/// Prints audit results.
+pub fn print_checks(checks: &[audit::Check]) {
+    for c in checks {
+        if c.ok {
+            println!("PASS  {}", c.name);
+        } else {
+            println!("FAIL  {}: {}", c.name, c.detail);
+            println!("      fix: {}", c.fix);
+        }
+    }
+    let failed = audit::failures(checks);
+    println!("{} checks, {} failed", checks.len(), failed);
+}
+
+pub fn dev(settings: &Settings, cmd: DevCommand) -> Result<()> {
+    let dir = settings.dev.data_dir.join("pg");
+    match cmd {
+        DevCommand::Status => match embedded::LocalCluster::status(&dir)? {
+            embedded::ClusterStatus::NotInitialized => {
+                println!("no local cluster in {}", dir.display())
+            }
+            embedded::ClusterStatus::Stopped { port } => {
+                println!(
+                    "local cluster in {} is stopped (port {port})",
+                    dir.display()
+                )
+            }
+            embedded::ClusterStatus::Running { port, pid } => println!(
+                "local cluster in {} is running on 127.0.0.1:{port} (pid {pid})",
+                dir.display()
+            ),
+        },
+        DevCommand::Stop => {
+            if embedded::LocalCluster::stop(&dir)? {
+                println!("stopped the local cluster in {}", dir.display());
+            } else {
+                println!("the local cluster in {} was not running", dir.display());
+            }
+        }
+    }
+    Ok(())
+}

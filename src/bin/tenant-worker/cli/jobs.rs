@@ -1,0 +1,119 @@
+//! `enqueue` and `jobs list/show/retry/cancel`.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use tenant_worker::queue::{self, JobInfo, JobState, NewJob};
+use tenant_worker::{Settings, TenantId};
+
+use super::{ArgShortcuts, JobsCommand, connect};
+
+/// What `enqueue` was asked.
+pub struct EnqueueArgs {
+    pub kind: String,
+    pub tenant: TenantId,
+    pub args: String,
+    pub run_at: Option<DateTime<Utc>>,
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub shortcuts: ArgShortcuts,
+}
+
+pub async fn enqueue(settings: &Settings, a: EnqueueArgs) -> Result<()> {
+    let args = a.shortcuts.apply(&a.args)?;
+    let client = connect(settings).await?;
+    let enqueuer = client.enqueuer(Arc::new(client.builtins()))?;
+    let mut job = NewJob::new(a.kind, args).priority(a.priority);
+    job.run_at = a.run_at;
+    job.idempotency_key = a.idempotency_key;
+    job.max_attempts = a.max_attempts;
+    if let Some(t) = a.run_at
+        && t < Utc::now()
+    {
+        eprintln!(
+            "note: --run-at {} is in the past: the job runs now",
+            t.to_rfc3339()
+        );
+    }
+    let done = enqueuer.enqueue_job(a.tenant, job).await?;
+    if !done.created {
+        eprintln!("already enqueued: the idempotency key belongs to this job");
+    }
+    println!("{}", done.id);
+    Ok(())
+}
+
+pub async fn command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
+    let client = connect(settings).await?;
+    let pool = client.queue_pool();
+    match cmd {
+        JobsCommand::List {
+            tenant,
+            state,
+            limit,
+        } => {
+            let jobs = queue::list(pool, &settings.worker.queue, tenant, state, limit).await?;
+            for j in jobs {
+                println!(
+                    "{}  {:<9}  {:<8}  tenant {}  attempts {}/{}{}",
+                    j.id,
+                    j.state,
+                    j.kind.as_deref().unwrap_or("?"),
+                    j.tenant_id.as_deref().unwrap_or("?"),
+                    j.attempts,
+                    j.max_attempts,
+                    j.note
+                        .as_deref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        JobsCommand::Show { id } => show(&queue::show(pool, &id).await?),
+        JobsCommand::Retry { id } => {
+            queue::retry(pool, &id).await?;
+            println!("{id} will run again");
+        }
+        JobsCommand::Cancel { id } => {
+            queue::cancel(pool, &id).await?;
+            println!("cancelled {id}");
+        }
+    }
+    Ok(())
+}
+
+fn show(j: &JobInfo) {
+    println!("id:        {}", j.id);
+    println!("state:     {}", j.state);
+    println!("kind:      {}", j.kind.as_deref().unwrap_or("?"));
+    println!("tenant:    {}", j.tenant_id.as_deref().unwrap_or("?"));
+    println!("attempts:  {}/{}", j.attempts, j.max_attempts);
+    let t = |v: Option<DateTime<Utc>>| v.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
+    println!("run at:    {}", t(j.run_at));
+    println!("locked at: {}", t(j.lock_at));
+    println!("done at:   {}", t(j.done_at));
+    if let Some(note) = &j.note {
+        println!("note:      {note}");
+    }
+    if let Some(p) = &j.progress {
+        let total = p.total.map(|t| format!(" of {t}")).unwrap_or_default();
+        let message = p
+            .message
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default();
+        println!("progress:  {}{total}{message}", p.done);
+    }
+    if let Some(err) = j.error() {
+        let label = if j.state == JobState::Rejected {
+            "reason"
+        } else {
+            "error"
+        };
+        println!("{label}:    {err}");
+    } else if let Some(r) = j.result() {
+        println!("result:    {r}");
+    }
+}
