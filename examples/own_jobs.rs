@@ -151,8 +151,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tx.commit().await?;
     jobs.push(("Northwind", summary.id));
 
-    let done = client.worker()?.registry(&kinds).build()?.run_until_idle().await?;
-    println!("worker ran until idle: {} done, {} failed", done.done, done.failed);
+    let done = client
+        .worker()?
+        .registry(&kinds)
+        .build()?
+        .run_until_idle()
+        .await?;
+    println!(
+        "worker ran until idle: {} done, {} failed",
+        done.done, done.failed
+    );
 
     for (name, id) in jobs {
         let info = tenant_worker::queue::show(client.queue_pool(), &id.to_string()).await?;

@@ -260,11 +260,16 @@ impl TestDb {
     /// An enqueuer on the queue role, for the built-in kinds with the declared jobs of
     /// `catalog`.
     pub async fn enqueuer_with(&self, catalog: Catalog) -> Enqueuer {
+        self.enqueuer_for(self.kinds(catalog)).await
+    }
+
+    /// An enqueuer on the queue role for the kinds of `kinds`.
+    pub async fn enqueuer_for(&self, kinds: Arc<Registry>) -> Enqueuer {
         Enqueuer::new(
             self.queue().await,
             self.signer.clone(),
             &self.settings,
-            self.kinds(catalog),
+            kinds,
         )
     }
 

@@ -5,6 +5,7 @@ mod data_layer;
 mod exports;
 mod faults;
 mod helpers;
+mod job_api;
 mod processing;
 mod rounds;
 mod worker;
