@@ -77,10 +77,12 @@ impl Client {
         let urls = DbUrls::resolve(settings).await?;
         let app = db::app_pool(settings, &urls).await?;
         let queue = db::queue_pool(settings, &urls).await?;
+        let scope = Scope::new(app, db::context_key(settings, &urls).await?)
+            .refreshing_from(urls.admin.clone());
         Ok(Self {
             settings: settings.clone(),
             urls,
-            scope: Scope::new(app),
+            scope,
             queue,
             catalog,
         })

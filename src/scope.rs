@@ -1,10 +1,22 @@
 //! The tenant-scoped transaction: the only way tenant-worker touches tenant data.
 //!
-//! A [`Scope`] hands out [`ScopedTx`]s on the app role's pool. Every scoped transaction's first
-//! statement sets `app.tenant_id` transaction-locally, so every query through it sees one
-//! tenant, whatever its SQL says: Row-Level Security, enabled and forced on every tenant table,
-//! filters the rest.
+//! A [`Scope`] hands out [`ScopedTx`]s on the app role's pool. Every scoped transaction begins
+//! by setting, transaction-locally, `app.tenant_id` and `app.tenant_ctx`: a context *sealed*
+//! for this one transaction with a key the app role cannot read ([`ContextKey`]). Every tenant
+//! policy requires the seal to verify (`public.tenant_context_valid()`), so whatever the SQL in
+//! the transaction says, and whatever it sets, it sees one tenant's rows or none.
+//!
+//! What the seal stops: job SQL that sets `app.tenant_id` (or `SET LOCAL`, `RESET`, a
+//! function that runs SQL text) to reach another tenant; a context copied from an earlier
+//! transaction (it names that transaction's id); a context past its expiry. What it does not
+//! stop: a process that holds the key (the worker itself, compromised), or a superuser.
 
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac as _};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+use sha2::Sha256;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres};
@@ -25,7 +37,85 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Where scoped transactions come from: the app role's connection pool.
+/// The key that seals tenant contexts: its id and 32 secret bytes, from the owner-only table
+/// `tenant_context_keys` (made by `setup`, replaced by `tenant-worker keys rotate-context`).
+#[derive(Clone)]
+pub struct ContextKey {
+    id: i32,
+    key: Arc<SecretBox<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for ContextKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContextKey {
+    /// The key in force, read through `admin` (a connection that may read the owner's
+    /// tables: the admin or owner role).
+    ///
+    /// # Errors
+    /// Database errors; [`sqlx::Error::RowNotFound`] when the database has no key (run
+    /// `tenant-worker setup`).
+    pub async fn load(admin: &PgPool) -> sqlx::Result<Self> {
+        let (id, key): (i32, Vec<u8>) = sqlx::query_as(
+            "select id, key from public.tenant_context_keys
+             where valid_until is null order by id desc limit 1",
+        )
+        .fetch_one(admin)
+        .await?;
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| sqlx::Error::Protocol("a context key is not 32 bytes".into()))?;
+        Ok(Self {
+            id,
+            key: Arc::new(SecretBox::new(Box::new(key))),
+        })
+    }
+
+    /// The key's id.
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    fn mac(&self, text: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.key.expose_secret())
+            .expect("HMAC takes a key of any length");
+        mac.update(text.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The sealed context for `tenant` in transaction `xid`, valid until `expires` (Unix
+    /// seconds): `v1.<key>.<tenant>.<expires>.<xid>.<hmac>`.
+    pub fn seal(&self, tenant: TenantId, expires: i64, xid: &str) -> String {
+        let text = format!("v1.{}.{}.{expires}.{xid}", self.id, tenant.0.hyphenated());
+        let mac = self.mac(&text);
+        format!("{text}.{mac}")
+    }
+
+    /// The seal that lets `public.complete_job_runs` release transaction `xid`'s guard.
+    fn done_seal(&self, xid: &str) -> String {
+        self.mac(&format!("v1.done.{xid}"))
+    }
+}
+
+/// Where the [`Scope`] reads a newer context key from after a rotation.
+struct KeySource {
+    admin_url: SecretString,
+    checked: std::sync::Mutex<Instant>,
+}
+
+/// How often a scope with a key source looks for a newer key.
+const KEY_REFRESH: Duration = Duration::from_secs(60);
+
+/// How long a context made by [`Scope::begin`] stays valid (it is bound to its transaction
+/// anyway; this bounds a transaction left open).
+const DEFAULT_CONTEXT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Where scoped transactions come from: the app role's connection pool and the context key.
 ///
 /// Hold one per process and clone it freely (it is a handle). Application code uses it for
 /// its own tenant-scoped reads and writes outside jobs:
@@ -40,16 +130,84 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// println!("{tenant} has {n} invoices");
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Scope {
     pool: PgPool,
+    key: Arc<RwLock<ContextKey>>,
+    source: Option<Arc<KeySource>>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scope")
+            .field("key", &self.key())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Scope {
     /// Scoped transactions on `pool`, which must connect as the app role (the role that is
-    /// subject to Row-Level Security; see `tenant-worker audit`).
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// subject to Row-Level Security; see `tenant-worker audit`), sealed with `key`.
+    pub fn new(pool: PgPool, key: ContextKey) -> Self {
+        Self {
+            pool,
+            key: Arc::new(RwLock::new(key)),
+            source: None,
+        }
+    }
+
+    /// Looks for a newer context key through `admin_url` once a minute (in the background),
+    /// so a long-running process follows `keys rotate-context` within the old key's grace.
+    pub fn refreshing_from(mut self, admin_url: SecretString) -> Self {
+        self.source = Some(Arc::new(KeySource {
+            admin_url,
+            checked: std::sync::Mutex::new(Instant::now()),
+        }));
+        self
+    }
+
+    /// The key contexts are sealed with now.
+    pub fn key(&self) -> ContextKey {
+        self.key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn refresh_if_due(&self) {
+        let Some(source) = &self.source else {
+            return;
+        };
+        {
+            let mut checked = source.checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.elapsed() < KEY_REFRESH {
+                return;
+            }
+            *checked = Instant::now();
+        }
+        let (source, cell) = (source.clone(), self.key.clone());
+        tokio::spawn(async move {
+            let url = source.admin_url.expose_secret().to_string();
+            let loaded = async {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await?;
+                let key = ContextKey::load(&pool).await;
+                pool.close().await;
+                key
+            }
+            .await;
+            match loaded {
+                Ok(key) => {
+                    let mut current = cell.write().unwrap_or_else(|e| e.into_inner());
+                    if key.id != current.id {
+                        tracing::info!(key_id = key.id, "sealing tenant contexts with a new key");
+                        *current = key;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "could not look for a newer context key")
+                }
+            }
+        });
     }
 
     /// The app role's pool. Queries on it outside a scoped transaction see no tenant data.
@@ -62,20 +220,33 @@ impl Scope {
     /// # Errors
     /// Database errors (pool exhausted, connection lost).
     pub async fn begin(&self, tenant: TenantId) -> Result<ScopedTx> {
-        Ok(self.begin_then(tenant, None).await?.0)
+        Ok(self
+            .begin_then(tenant, DEFAULT_CONTEXT_TTL, false, None)
+            .await?
+            .0)
     }
 
-    /// Begins a scoped transaction and runs `then` right after `set_config`, in the same round
-    /// trip (one simple-query message). Returns the last row `then` produced. `then` must be a
-    /// statement built from values this crate formatted itself (it cannot take parameters).
+    /// Begins a scoped transaction whose context is valid for `ttl`, and runs `then` right
+    /// after setting it, in the same round trip (one simple-query message). Returns the last
+    /// row `then` produced. `then` must be a statement built from values this crate formatted
+    /// itself (it cannot take parameters). With `guard`, the transaction can only commit
+    /// through the worker's completion (`public.complete_job_runs`): a job's own `COMMIT`
+    /// fails.
+    ///
+    /// Two round trips: `BEGIN` with the transaction id (which the seal names), then the
+    /// context, the guard and `then`.
     ///
     /// # Errors
     /// Database errors; the connection is then closed (see [`ScopedTx`]).
     pub(crate) async fn begin_then(
         &self,
         tenant: TenantId,
+        ttl: Duration,
+        guard: bool,
         then: Option<&str>,
     ) -> Result<(ScopedTx, Option<PgRow>)> {
+        self.refresh_if_due();
+        let key = self.key();
         let conn = self.pool.acquire().await?;
         // From here on, dropping `tx` before commit or rollback closes the connection.
         let mut tx = ScopedTx {
@@ -83,13 +254,26 @@ impl Scope {
             tenant,
             open: true,
             savepoint: Savepoint::None,
+            ctx: String::new(),
+            done_seal: String::new(),
         };
-        // The tenant id is a parsed UUID, formatted by us: safe to inline, and inlining lets
-        // BEGIN, set_config and `then` travel in one round trip.
-        let mut sql = format!(
-            "begin; select set_config('app.tenant_id', '{}', true)",
-            tenant.0.hyphenated()
-        );
+        let row = sqlx::raw_sql("begin; select pg_current_xact_id()::text")
+            .fetch_all(&mut *tx.conn)
+            .await?
+            .pop()
+            .ok_or(sqlx::Error::RowNotFound)?;
+        let xid: String = sqlx::Row::try_get(&row, 0)?;
+        let expires = chrono::Utc::now().timestamp() + ttl.as_secs().max(1) as i64;
+        tx.ctx = key.seal(tenant, expires, &xid);
+        tx.done_seal = key.done_seal(&xid);
+        // Every value inlined is one this crate formatted (a parsed UUID, the seal's digits and
+        // hex), so BEGIN's follow-up, the context and `then` can travel in one round trip.
+        let mut sql = tx.set_context();
+        if guard {
+            sql.push_str(&format!(
+                ";\ninsert into public.scope_guards (xid) values ('{xid}')"
+            ));
+        }
         if let Some(then) = then {
             sql.push_str(";\n");
             sql.push_str(then);
@@ -129,6 +313,10 @@ pub struct ScopedTx {
     open: bool,
     /// A savepoint to take before the next statement (see [`ScopedTx::conn`]).
     savepoint: Savepoint,
+    /// The sealed context of this transaction.
+    ctx: String,
+    /// What lets `complete_job_runs` release this transaction's guard.
+    done_seal: String,
 }
 
 /// The worker's per-job savepoint inside a shared round: taken lazily, with the tenant context
@@ -168,6 +356,20 @@ impl ScopedTx {
         self.tenant
     }
 
+    /// The statement that sets this transaction's tenant context (again).
+    fn set_context(&self) -> String {
+        format!(
+            "select set_config('app.tenant_id', '{}', true), set_config('app.tenant_ctx', '{}', true)",
+            self.tenant.0.hyphenated(),
+            self.ctx
+        )
+    }
+
+    /// The seal `public.complete_job_runs` wants for this transaction.
+    pub(crate) fn done_seal(&self) -> &str {
+        &self.done_seal
+    }
+
     /// The connection, for running queries: `query.fetch_all(tx.conn().await?).await?`.
     ///
     /// Async because a job that shares its transaction with other jobs of its tenant (a round)
@@ -181,8 +383,8 @@ impl ScopedTx {
             // round did, this job's statements run in its own verified tenant's context (a job
             // that changed it also fails the whole round at its end).
             sqlx::raw_sql(AssertSqlSafe(format!(
-                "savepoint j{n}; select set_config('app.tenant_id', '{}', true)",
-                self.tenant.0.hyphenated()
+                "savepoint j{n}; {}",
+                self.set_context()
             )))
             .execute(&mut *self.conn)
             .await?;
@@ -206,11 +408,16 @@ impl ScopedTx {
     /// # Errors
     /// [`Error::ContextTampered`] when it changed.
     pub async fn check_context(&mut self) -> Result<()> {
-        let current: Option<String> =
-            sqlx::query_scalar("select current_setting('app.tenant_id', true)")
-                .fetch_one(&mut *self.conn)
-                .await?;
-        if current.as_deref() != Some(self.tenant.0.hyphenated().to_string().as_str()) {
+        let intact: Option<bool> = sqlx::query_scalar(
+            "select current_setting('app.tenant_id', true) = $1
+                    and current_setting('app.tenant_ctx', true) = $2
+                    and public.tenant_context_valid()",
+        )
+        .bind(self.tenant.0.hyphenated().to_string())
+        .bind(&self.ctx)
+        .fetch_one(&mut *self.conn)
+        .await?;
+        if intact != Some(true) {
             return Err(Error::ContextTampered);
         }
         Ok(())
@@ -236,13 +443,14 @@ impl ScopedTx {
     /// # Errors
     /// [`Error::ContextTampered`] or database errors.
     pub(crate) async fn commit_after(mut self, last: &str) -> Result<()> {
-        let sql = format!("{last};\ncommit");
+        let sql = format!("{last};\ncommit;\n{LEFTOVER}");
         match sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut *self.conn)
+            .fetch_all(&mut *self.conn)
             .await
         {
-            Ok(_) => {
+            Ok(rows) => {
                 self.open = false;
+                self.close_if_leftover(rows.last());
                 Ok(())
             }
             Err(e) => {
@@ -269,8 +477,26 @@ impl ScopedTx {
     }
 
     async fn end(mut self, statement: &'static str) -> Result<()> {
-        sqlx::raw_sql(statement).execute(&mut *self.conn).await?;
+        let rows = sqlx::raw_sql(AssertSqlSafe(format!("{statement};\n{LEFTOVER}")))
+            .fetch_all(&mut *self.conn)
+            .await?;
         self.open = false;
+        self.close_if_leftover(rows.last());
         Ok(())
     }
+
+    /// Closes the connection instead of returning it to the pool when a tenant setting
+    /// outlived the transaction: job SQL can set one session-wide (`set_config(.., false)`),
+    /// and the next user of the connection must not find it.
+    fn close_if_leftover(&mut self, row: Option<&PgRow>) {
+        let leftover: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 0).ok());
+        if leftover != Some(false) {
+            tracing::warn!("a tenant setting outlived its transaction; closing the connection");
+            self.conn.close_on_drop();
+        }
+    }
 }
+
+/// Sent after a scoped transaction ends: true when a tenant setting outlived it.
+const LEFTOVER: &str = "select coalesce(current_setting('app.tenant_id', true), '') <> ''
+        or coalesce(current_setting('app.tenant_ctx', true), '') <> ''";

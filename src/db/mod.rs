@@ -223,6 +223,24 @@ pub async fn admin_pool(settings: &Settings, urls: &DbUrls) -> Result<PgPool> {
     pool("admin", &urls.admin, 4, connect_timeout(settings)).await
 }
 
+/// The key that seals tenant contexts, read through a short admin connection.
+///
+/// # Errors
+/// [`Error::NotSetUp`] when the database has no key yet; connection errors.
+pub async fn context_key(settings: &Settings, urls: &DbUrls) -> Result<crate::scope::ContextKey> {
+    let admin = pool("admin", &urls.admin, 1, connect_timeout(settings)).await?;
+    let key = crate::scope::ContextKey::load(&admin).await;
+    admin.close().await;
+    match key {
+        Ok(key) => Ok(key),
+        Err(sqlx::Error::RowNotFound) => Err(Error::NotSetUp),
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
+            Err(Error::NotSetUp)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Opens the app-role pool (tenant data, always through a scoped transaction).
 ///
 /// # Errors

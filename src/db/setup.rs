@@ -232,6 +232,9 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         format!(
             r#"grant select, insert, update, delete on public.rollups, public.rollup_changes, public.rollup_runs to "{app}""#
         ),
+        // A job transaction's guard: the worker inserts it as the app role; only
+        // `complete_job_runs` (as the owner) removes it.
+        format!(r#"grant insert on public.scope_guards to "{app}""#),
         // The app role manages one tenant's schedules through RLS like any tenant data.
         format!(r#"grant select, insert, update, delete on public.schedules to "{app}""#),
         // The scheduler role: every tenant's schedules, read-only, through one narrow policy
@@ -243,7 +246,8 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         ),
         format!(
             r#"alter policy tenant_isolation on public.schedules
-                 using (tenant_id = public.current_tenant_id() or current_user = '{scheduler}')"#
+                 using ((tenant_id = public.current_tenant_id() and (select public.tenant_context_valid()))
+                        or current_user = '{scheduler}')"#
         ),
         "drop policy if exists scheduler_reads_all on public.schedules".to_string(),
         format!(
@@ -261,5 +265,39 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         tx.execute(AssertSqlSafe(stmt)).await?;
     }
     tx.commit().await?;
+    revoke_dynamic_sql(admin).await
+}
+
+/// The functions that run SQL given as text (so SQL can hide a statement in a string, where
+/// no check of the statement sees it): what `revoke_dynamic_sql` takes from PUBLIC and
+/// `audit` checks the app role cannot execute. The verified tenant context is what keeps
+/// tenants apart even so; this is defence in depth.
+pub(crate) const DYNAMIC_SQL_FUNCTIONS: &str = "
+    select p.oid::regprocedure::text
+    from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+    where (n.nspname = 'pg_catalog'
+           and p.proname in ('query_to_xml', 'query_to_xml_and_xmlschema', 'query_to_xmlschema',
+                             'cursor_to_xml', 'cursor_to_xmlschema', 'ts_stat'))
+       or p.proname like 'dblink%'
+    order by 1";
+
+/// Revokes EXECUTE on [`DYNAMIC_SQL_FUNCTIONS`] from PUBLIC in this database (function
+/// privileges are per database). Needs a superuser (they belong to the bootstrap superuser);
+/// without one it warns, and `audit` reports what is left.
+async fn revoke_dynamic_sql(admin: &PgPool) -> Result<()> {
+    let functions: Vec<String> = sqlx::query_scalar(DYNAMIC_SQL_FUNCTIONS)
+        .fetch_all(admin)
+        .await?;
+    for f in functions {
+        // `f` is a regprocedure printed by the server: a valid, quoted signature.
+        if let Err(e) = admin
+            .execute(AssertSqlSafe(format!(
+                "revoke execute on function {f} from public"
+            )))
+            .await
+        {
+            tracing::warn!(function = %f, error.message = %e, "could not revoke EXECUTE from PUBLIC");
+        }
+    }
     Ok(())
 }

@@ -415,11 +415,7 @@ async fn execute(scope: &Scope, tenant: TenantId, job: &mut UnitJob) -> Outcome 
     // Completing the run record doubles as the tenant-context check: if the job switched
     // app.tenant_id, `complete_job_runs` raises, the COMMIT sent with it is skipped and the
     // work is rolled back. A refusal comes back as `ContextTampered`, a permanent failure.
-    let complete = complete_statement(
-        tenant,
-        std::iter::once((job.job_id, &out)),
-        std::iter::empty(),
-    );
+    let complete = complete_statement(&tx, std::iter::once((job.job_id, &out)), std::iter::empty());
     match tx.commit_after(&complete).await {
         Ok(()) => Outcome::Done(out),
         Err(e) => e.into(),
@@ -444,8 +440,10 @@ pub(crate) async fn begin_and_claim<'a>(
     jobs: impl Iterator<Item = &'a UnitJob>,
 ) -> Result<(ScopedTx, HashSet<Uuid>), Outcome> {
     let t = tenant.0.hyphenated();
+    let mut longest = Duration::ZERO;
     let values: Vec<String> = jobs
         .map(|job| {
+            longest = longest.max(job.timeout);
             format!(
                 "('{}'::uuid, '{}', {})",
                 job.job_id.0.hyphenated(),
@@ -466,7 +464,10 @@ pub(crate) async fn begin_and_claim<'a>(
                 coalesce((select string_agg(job_id::text, ',') from ins), '') as claimed",
         values = values.join(", "),
     );
-    let (tx, row) = scope.begin_then(tenant, Some(&claim)).await?;
+    // The context outlives the longest job by a margin (the jobs of a round run one after
+    // another, each within its own limit, but the round's limit is theirs).
+    let ttl = longest * values.len() as u32 + Duration::from_secs(60);
+    let (tx, row) = scope.begin_then(tenant, ttl, true, Some(&claim)).await?;
     let row = row.ok_or(sqlx::Error::RowNotFound)?;
     let status: Option<String> = sqlx::Row::try_get(&row, "status")?;
     let claimed: String = sqlx::Row::try_get(&row, "claimed")?;
@@ -488,12 +489,15 @@ pub(crate) async fn begin_and_claim<'a>(
 /// The statement that ends a scoped transaction's jobs, sent with `COMMIT`:
 /// `public.complete_job_runs` completes the run records of the jobs `done` (with their
 /// results), drops those of the jobs that `failed` (their work was rolled back to their
-/// savepoints) and raises when the tenant context changed, so that the `COMMIT` never runs.
+/// savepoints), raises when the tenant context changed, so that the `COMMIT` never runs, and
+/// with the transaction's completion seal releases its guard (without which it cannot
+/// commit).
 pub(crate) fn complete_statement<'a>(
-    tenant: TenantId,
+    tx: &ScopedTx,
     done: impl Iterator<Item = (JobId, &'a serde_json::Value)>,
     failed: impl Iterator<Item = JobId>,
 ) -> String {
+    let tenant = tx.tenant_id();
     let outs: Vec<serde_json::Value> = done
         .map(|(id, out)| serde_json::json!({ "job_id": id.0, "result": out }))
         .collect();
@@ -501,9 +505,10 @@ pub(crate) fn complete_statement<'a>(
         .map(|id| format!("'{}'::uuid", id.0.hyphenated()))
         .collect();
     format!(
-        "select public.complete_job_runs('{}', {}::jsonb, array[{}]::uuid[])",
+        "select public.complete_job_runs('{}', {}::jsonb, array[{}]::uuid[], '{}')",
         tenant.0.hyphenated(),
         dollar_quote(&serde_json::Value::Array(outs).to_string()),
         failed.join(", "),
+        tx.done_seal(),
     )
 }

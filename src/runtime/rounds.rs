@@ -117,7 +117,7 @@ pub(crate) async fn run_round(
     }
 
     let complete = complete_statement(
-        tenant,
+        &tx,
         done.iter().map(|(i, out)| (jobs[*i].job_id, out)),
         failed.iter().map(|(i, _)| jobs[*i].job_id),
     );

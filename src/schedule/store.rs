@@ -90,5 +90,10 @@ pub async fn remove(scheduler: &PgPool, scope: &Scope, id: Uuid) -> Result<Tenan
         .execute(tx.conn().await?)
         .await?;
     tx.commit().await?;
+    // The scheduler's bookkeeping of its fires (no foreign key: see the migrations).
+    sqlx::query("delete from schedule_fires where schedule_id = $1")
+        .bind(id)
+        .execute(scheduler)
+        .await?;
     Ok(tenant)
 }

@@ -194,11 +194,24 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
     )))
     .await
     .unwrap();
-    sqlx::query("select set_config('app.tenant_id', $1, false)")
-        .bind(a.to_string())
-        .execute(&mut *conn)
+    // A's context, sealed for this transaction as the worker seals it.
+    conn.execute("begin").await.unwrap();
+    let xid: String = sqlx::query_scalar("select pg_current_xact_id()::text")
+        .fetch_one(&mut *conn)
         .await
         .unwrap();
+    let ctx = db
+        .context_key()
+        .await
+        .seal(a, chrono::Utc::now().timestamp() + 60, &xid);
+    sqlx::query(
+        "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)",
+    )
+    .bind(a.to_string())
+    .bind(ctx)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
     let leaky: i64 = sqlx::query_scalar("select count(*) from v_property_noforce")
         .fetch_one(&mut *conn)
         .await
@@ -207,6 +220,7 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
         .fetch_one(&mut *conn)
         .await
         .unwrap();
+    conn.execute("rollback").await.unwrap();
     assert_eq!(
         leaky,
         3 + 7,
@@ -297,11 +311,13 @@ async fn a_pooled_connection_carries_no_tenant_from_one_transaction_to_the_next(
     seed(&app, a, 2).await;
     seed(&app, b, 0).await;
     // One connection only: B's transaction reuses A's connection.
-    let one = db.scope_of(
-        tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
+    let one = db
+        .scope_of(
+            tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
+                .await
+                .unwrap(),
+        )
+        .await;
     let pid_a: i32;
     {
         let mut tx = db.scoped(&one, a).await;
@@ -374,11 +390,13 @@ async fn a_scoped_transaction_ended_early_never_leaves_its_tenant_on_a_pooled_co
     let a = db.tenant("A").await;
     let app = db.scope().await;
     seed(&app, a, 1).await;
-    let one = db.scope_of(
-        tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
+    let one = db
+        .scope_of(
+            tenant_worker::db::pool("app", &db.urls.app, 1, std::time::Duration::from_secs(5))
+                .await
+                .unwrap(),
+        )
+        .await;
     let clean = (None, 0, false);
 
     // Dropped after a query, without commit or rollback.

@@ -20,6 +20,7 @@ use tenant_worker::embedded::EphemeralCluster;
 use tenant_worker::envelope::keys;
 use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::{Enqueuer, NewJob};
+use tenant_worker::scope::ContextKey;
 use tenant_worker::{
     JobId, KeyId, Keyring, Registry, RunOptions, Scope, ScopedTx, Signer, Summary, TenantId,
     Worker, client, jobs, tenant,
@@ -217,12 +218,19 @@ impl TestDb {
 
     /// Scoped transactions on a pool connected as the app role.
     pub async fn scope(&self) -> Scope {
-        Scope::new(self.app().await)
+        self.scope_of(self.app().await).await
     }
 
     /// Scoped transactions on `pool` (an app-role pool the test made itself).
-    pub fn scope_of(&self, pool: PgPool) -> Scope {
-        Scope::new(pool)
+    pub async fn scope_of(&self, pool: PgPool) -> Scope {
+        Scope::new(pool, self.context_key().await)
+    }
+
+    /// The key that seals tenant contexts in this database.
+    pub async fn context_key(&self) -> ContextKey {
+        db::context_key(&self.settings, &self.urls)
+            .await
+            .expect("the context key")
     }
 
     /// A pool connected as the queue role.

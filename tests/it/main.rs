@@ -8,4 +8,5 @@ mod helpers;
 mod job_api;
 mod processing;
 mod rounds;
+mod tenant_context;
 mod worker;

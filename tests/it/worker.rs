@@ -885,7 +885,10 @@ async fn the_worker_survives_a_database_restart() {
 
     let keyring = client::keyring(&settings, None).unwrap();
     let worker = Worker::builder(
-        Scope::new(db::app_pool(&settings, &urls).await.unwrap()),
+        Scope::new(
+            db::app_pool(&settings, &urls).await.unwrap(),
+            db::context_key(&settings, &urls).await.unwrap(),
+        ),
         db::queue_pool(&settings, &urls).await.unwrap(),
         keyring,
         &settings,

@@ -21,6 +21,7 @@ use tenant_worker::envelope::keys;
 use tenant_worker::jobs::declared::Catalog;
 use tenant_worker::queue::{self, NewJob};
 use tenant_worker::schedule::{Scheduler, store};
+use tenant_worker::scope::ContextKey;
 use tenant_worker::{
     Enqueuer, KeyId, RunOptions, Scope, Signer, TenantId, Worker, client, jobs, tenant,
 };
@@ -74,7 +75,10 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     );
 
     let admin = db::admin_pool(&settings, &urls).await?;
-    let app = Scope::new(db::app_pool(&settings, &urls).await?);
+    let app = Scope::new(
+        db::app_pool(&settings, &urls).await?,
+        db::context_key(&settings, &urls).await?,
+    );
     let queue_pool = db::queue_pool(&settings, &urls).await?;
     let owner = &settings.roles.owner;
     let northwind = tenant::add(&admin, owner, "Northwind Properties").await?.id;
@@ -213,7 +217,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     println!("  Northwind context sees {a} records (it has {n_north})");
     println!("  Helios context sees    {b} records (it has {n_helios})");
     println!("  no tenant context sees {none} records");
-    let (leaky, forced) = force_gotcha(&admin, owner, northwind).await?;
+    let (leaky, forced) = force_gotcha(&admin, owner, &app.key(), northwind).await?;
     println!("the gotcha, on a scratch copy of the table WITHOUT `force row level security`:");
     println!(
         "  the owner's view over the copy, in Northwind's context, shows {leaky} rows (both tenants!)"
@@ -323,7 +327,12 @@ async fn visible_as(app: &Scope, t: Option<TenantId>) -> Result<i64> {
 
 /// Builds a scratch copy of `records` with RLS enabled but not forced, and a view over it
 /// owned by the owner role; reads both views as the owner in one tenant's context.
-async fn force_gotcha(admin: &PgPool, owner: &str, t: TenantId) -> Result<(i64, i64)> {
+async fn force_gotcha(
+    admin: &PgPool,
+    owner: &str,
+    key: &ContextKey,
+    t: TenantId,
+) -> Result<(i64, i64)> {
     let mut tx = admin.begin().await?;
     tx.execute(AssertSqlSafe(format!(
         r#"create temp table records_without_force (like public.records including defaults);
@@ -337,10 +346,18 @@ async fn force_gotcha(admin: &PgPool, owner: &str, t: TenantId) -> Result<(i64, 
            set local role "{owner}";"#
     )))
     .await?;
-    sqlx::query("select set_config('app.tenant_id', $1, true)")
-        .bind(t.to_string())
-        .execute(&mut *tx)
+    // The tenant's context, sealed for this transaction like the worker's.
+    let xid: String = sqlx::query_scalar("select pg_current_xact_id()::text")
+        .fetch_one(&mut *tx)
         .await?;
+    let expires = chrono::Utc::now().timestamp() + 60;
+    sqlx::query(
+        "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)",
+    )
+    .bind(t.to_string())
+    .bind(key.seal(t, expires, &xid))
+    .execute(&mut *tx)
+    .await?;
     let leaky: i64 = sqlx::query_scalar("select count(*) from v_records_without_force")
         .fetch_one(&mut *tx)
         .await?;

@@ -116,7 +116,10 @@ impl Ctx {
             "the benchmark needs a superuser in database.admin_url: it generates every tenant's \
              data in bulk, reads all run records and runs CHECKPOINT"
         );
-        let app = Scope::new(db::app_pool(&settings, &urls).await?);
+        let app = Scope::new(
+            db::app_pool(&settings, &urls).await?,
+            db::context_key(&settings, &urls).await?,
+        );
         let queue = db::queue_pool(&settings, &urls).await?;
         let kinds = Arc::new(jobs::builtins(&settings, Arc::new(Catalog::new())));
         Ok(Ctx {
