@@ -76,6 +76,38 @@ impl ContextKey {
         })
     }
 
+    /// Puts a new key in force and retires the keys in force until now: they keep verifying
+    /// contexts for `grace` (so running workers, which look for a new key once a minute, and
+    /// transactions already sealed with an old key, carry on), then stop. Keys retired longer
+    /// ago are deleted. Returns the new key's id.
+    ///
+    /// `admin` must be able to write the owner's tables (the admin or owner role).
+    ///
+    /// # Errors
+    /// Database errors; nothing changes unless all of it succeeds.
+    pub async fn rotate(admin: &PgPool, grace: Duration) -> sqlx::Result<i32> {
+        let mut tx = admin.begin().await?;
+        sqlx::query("delete from public.tenant_context_keys where valid_until <= now()")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "update public.tenant_context_keys
+                set valid_until = now() + make_interval(secs => $1)
+              where valid_until is null",
+        )
+        .bind(grace.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        let id: i32 = sqlx::query_scalar(
+            "insert into public.tenant_context_keys (key) select public.gen_random_bytes(32)
+             returning id",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
     /// The key's id.
     pub fn id(&self) -> i32 {
         self.id

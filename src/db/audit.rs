@@ -75,6 +75,8 @@ pub async fn run(admin: &PgPool, roles: &RoleSettings) -> Result<Vec<Check>> {
     table_checks(admin, roles, &mut checks).await?;
     view_checks(admin, &mut checks).await?;
     setting_checks(admin, &mut checks).await?;
+    context_checks(admin, roles, &mut checks).await?;
+    key_checks(admin, &mut checks).await?;
     Ok(checks)
 }
 
@@ -291,6 +293,275 @@ async fn setting_checks(admin: &PgPool, checks: &mut Vec<Check>) -> Result<()> {
             "app.tenant_id has no role or database default",
             format!("`{setting}` is set for {scope}: a session that forgets to set a tenant gets this one"),
             "alter role <role> reset app.tenant_id / alter database <db> reset app.tenant_id",
+        ));
+    }
+    Ok(())
+}
+
+/// The checks the verified tenant context rests on: every tenant policy requires it, only the
+/// owner reads its keys, the verifier cannot be swapped or subverted, and the app role cannot
+/// create objects or run the functions that execute SQL text.
+async fn context_checks(
+    admin: &PgPool,
+    roles: &RoleSettings,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    // Restrictive tenant policies that do not require the sealed context.
+    let unsealed: Vec<(String, String)> = sqlx::query_as(
+        "select p.polrelid::regclass::text, p.polname::text from pg_policy p
+         where not p.polpermissive
+           and pg_get_expr(p.polqual, p.polrelid) like '%current_tenant_id()%'
+           and pg_get_expr(p.polqual, p.polrelid) not like '%tenant_context_valid()%'
+         order by 1, 2",
+    )
+    .fetch_all(admin)
+    .await?;
+    const SEALED: &str = "tenant policies require the sealed context";
+    if unsealed.is_empty() {
+        checks.push(Check::pass(
+            SEALED,
+            "every restrictive tenant policy calls tenant_context_valid()",
+        ));
+    }
+    for (table, policy) in unsealed {
+        checks.push(Check::fail(
+            SEALED,
+            format!("policy {policy} on {table} trusts app.tenant_id alone: SQL that sets it reads another tenant"),
+            format!(
+                "alter policy {policy} on {table} using (tenant_id = public.current_tenant_id() \
+                 and (select public.tenant_context_valid()))"
+            ),
+        ));
+    }
+
+    // The verifier: owned by the owner, SECURITY DEFINER, a search_path of system schemas
+    // only, and STABLE (IMMUTABLE would let a cached plan keep one transaction's verdict).
+    const VERIFIER: &str = "public.tenant_context_valid()";
+    let verifier: Option<(String, bool, String)> = sqlx::query_as(
+        "select pg_get_userbyid(p.proowner)::text, p.prosecdef, p.provolatile::text
+         from pg_proc p where p.oid = to_regprocedure('public.tenant_context_valid()')",
+    )
+    .fetch_optional(admin)
+    .await?;
+    match verifier {
+        None => checks.push(Check::fail(
+            format!("{VERIFIER} exists"),
+            "the tenant context verifier is missing",
+            "run `tenant-worker setup`",
+        )),
+        Some((owner, definer, volatility)) => {
+            let name = format!("{VERIFIER}: owned by the owner role");
+            checks.push(if owner == roles.owner {
+                Check::pass(name, format!("owner `{owner}`"))
+            } else {
+                Check::fail(
+                    name,
+                    format!("owned by `{owner}`: its owner can replace what it checks"),
+                    format!("alter function {VERIFIER} owner to {}", roles.owner),
+                )
+            });
+            let name = format!("{VERIFIER}: security definer");
+            checks.push(if definer {
+                Check::pass(name, "reads the keys as its owner")
+            } else {
+                Check::fail(
+                    name,
+                    "SECURITY INVOKER: it runs as the caller, who must not be able to read the keys",
+                    format!("alter function {VERIFIER} security definer"),
+                )
+            });
+            let name = format!("{VERIFIER}: stable");
+            checks.push(if volatility == "s" {
+                Check::pass(name, "stable")
+            } else {
+                Check::fail(
+                    name,
+                    format!(
+                        "volatility `{volatility}`: immutable lets a plan keep a verdict, volatile \
+                         costs a call per row"
+                    ),
+                    format!("alter function {VERIFIER} stable"),
+                )
+            });
+        }
+    }
+
+    // Every SECURITY DEFINER function outside the system schemas pins its search_path, so
+    // nothing the caller creates can stand in for what it uses.
+    let unpinned: Vec<String> = sqlx::query_scalar(
+        r#"select p.oid::regprocedure::text from pg_proc p
+           join pg_namespace n on n.oid = p.pronamespace
+           where p.prosecdef and n.nspname not in ('pg_catalog', 'information_schema')
+             and not exists (
+                 select 1 from unnest(coalesce(p.proconfig, '{}')) c
+                 where c like 'search_path=%'
+                   and not (c ~ '(^search_path=|, *)(public|"\$user"|\$user)( *,|$)'))
+           order by 1"#,
+    )
+    .fetch_all(admin)
+    .await?;
+    const PINNED: &str = "security definer functions pin their search_path";
+    if unpinned.is_empty() {
+        checks.push(Check::pass(PINNED, "search_path = pg_catalog, pg_temp"));
+    }
+    for f in unpinned {
+        checks.push(Check::fail(
+            PINNED,
+            format!("{f} runs as its owner with a search_path the caller can influence"),
+            format!("alter function {f} set search_path = pg_catalog, pg_temp"),
+        ));
+    }
+
+    // Only the owner touches the keys; the guards are insert-only for the app role.
+    for (purpose, role) in [
+        ("app", &roles.app),
+        ("queue", &roles.queue),
+        ("scheduler", &roles.scheduler),
+    ] {
+        let name = format!("{purpose} role `{role}` cannot read the context keys");
+        let reads: Option<bool> = sqlx::query_scalar(
+            "select has_table_privilege($1, c.oid,
+                    'select, insert, update, delete, truncate, references, trigger')
+             from pg_class c where c.oid = to_regclass('public.tenant_context_keys')",
+        )
+        .bind(role)
+        .fetch_optional(admin)
+        .await?
+        .flatten();
+        checks.push(match reads {
+            Some(false) => Check::pass(name, "no privilege"),
+            Some(true) => Check::fail(
+                name,
+                "it can read or change the key that seals tenant contexts: it can forge any tenant",
+                format!("revoke all on public.tenant_context_keys from {role}, public"),
+            ),
+            None => Check::fail(
+                name,
+                "public.tenant_context_keys is missing",
+                "run `tenant-worker setup`",
+            ),
+        });
+    }
+    let name = format!("app role `{}` can only insert scope guards", roles.app);
+    let guards: Option<bool> = sqlx::query_scalar(
+        "select has_table_privilege($1, c.oid, 'select, update, delete, truncate')
+         from pg_class c where c.oid = to_regclass('public.scope_guards')",
+    )
+    .bind(&roles.app)
+    .fetch_optional(admin)
+    .await?
+    .flatten();
+    checks.push(match guards {
+        Some(false) => Check::pass(name, "insert at most"),
+        Some(true) => Check::fail(
+            name,
+            "it can delete its transaction's guard: job SQL could commit by itself",
+            format!(
+                "revoke select, update, delete, truncate on public.scope_guards from {}, public",
+                roles.app
+            ),
+        ),
+        None => Check::fail(
+            name,
+            "public.scope_guards is missing",
+            "run `tenant-worker setup`",
+        ),
+    });
+
+    // No schema the app role may create objects in (a function or operator it creates could
+    // stand in for one a policy or view uses).
+    let creatable: Vec<String> = sqlx::query_scalar(
+        "select n.nspname::text from pg_namespace n
+         where has_schema_privilege($1, n.oid, 'create')
+           and n.nspname not like 'pg\\_temp\\_%' and n.nspname not like 'pg\\_toast%'
+         order by 1",
+    )
+    .bind(&roles.app)
+    .fetch_all(admin)
+    .await?;
+    let name = format!("app role `{}` cannot create in any schema", roles.app);
+    checks.push(if creatable.is_empty() {
+        Check::pass(name, "no CREATE")
+    } else {
+        Check::fail(
+            name,
+            format!("CREATE on {}", creatable.join(", ")),
+            creatable
+                .iter()
+                .map(|s| format!("revoke create on schema {s} from {}, public", roles.app))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    });
+
+    // Functions that run SQL given as text.
+    let functions: Vec<String> = sqlx::query_scalar(crate::db::setup::DYNAMIC_SQL_FUNCTIONS)
+        .fetch_all(admin)
+        .await?;
+    let mut open = Vec::new();
+    for f in functions {
+        let can: bool =
+            sqlx::query_scalar("select has_function_privilege($1, $2::regprocedure, 'execute')")
+                .bind(&roles.app)
+                .bind(&f)
+                .fetch_one(admin)
+                .await?;
+        if can {
+            open.push(f);
+        }
+    }
+    let name = format!(
+        "app role `{}` cannot run SQL text through functions",
+        roles.app
+    );
+    checks.push(if open.is_empty() {
+        Check::pass(name, "query_to_xml and friends revoked")
+    } else {
+        Check::fail(
+            name,
+            format!("it can execute {}", open.join(", ")),
+            "run `tenant-worker setup` as a superuser (it revokes EXECUTE on them from PUBLIC)",
+        )
+    });
+    Ok(())
+}
+
+/// Keys on tenant tables: every primary, unique and foreign key (and unique index) leads with
+/// `tenant_id`, so a duplicate-key or foreign-key error can never tell one tenant that a row
+/// of another exists.
+async fn key_checks(admin: &PgPool, checks: &mut Vec<Check>) -> Result<()> {
+    let offending: Vec<(String, String)> = sqlx::query_as(
+        r#"with t as (
+               select c.oid, a.attnum from pg_class c
+               join pg_namespace n on n.oid = c.relnamespace
+               join pg_attribute a on a.attrelid = c.oid and a.attname = 'tenant_id'
+                                  and not a.attisdropped
+               where c.relkind in ('r', 'p')
+                 and n.nspname not in ('pg_catalog', 'information_schema'))
+           select k.conrelid::regclass::text, k.conname::text from pg_constraint k
+           join t on t.oid = k.conrelid
+           where k.contype in ('p', 'u', 'f', 'x') and k.conkey[1] <> t.attnum
+           union
+           select i.indrelid::regclass::text, ci.relname::text from pg_index i
+           join t on t.oid = i.indrelid
+           join pg_class ci on ci.oid = i.indexrelid
+           where i.indisunique and i.indkey[0] <> t.attnum
+           order by 1, 2"#,
+    )
+    .fetch_all(admin)
+    .await?;
+    const NAME: &str = "tenant table keys lead with tenant_id";
+    if offending.is_empty() {
+        checks.push(Check::pass(NAME, "every unique and foreign key"));
+    }
+    for (table, key) in offending {
+        checks.push(Check::fail(
+            NAME,
+            format!(
+                "{key} on {table} does not lead with tenant_id: its duplicate-key error tells \
+                 one tenant that another tenant's row exists"
+            ),
+            format!("recreate {key} on {table} with tenant_id as its first column"),
         ));
     }
     Ok(())

@@ -48,8 +48,9 @@ pub async fn setup(settings: &Settings, urls: &DbUrls) -> Result<()> {
     conn.execute("create extension if not exists hstore; create extension if not exists pgcrypto")
         .await?;
     let owner = &settings.roles.owner;
+    // Only the owner creates objects in `public` (PostgreSQL before 15 let every role).
     conn.execute(AssertSqlSafe(format!(
-        r#"grant usage, create on schema public to "{owner}""#
+        r#"revoke create on schema public from public; grant usage, create on schema public to "{owner}""#
     )))
     .await?;
     conn.close().await?;

@@ -442,3 +442,68 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_rotated_context_key_keeps_verifying_for_its_grace_then_stops() {
+    let db = TestDb::new().await;
+    let a = db.tenant("A").await;
+    let old_scope = db.scope().await;
+    seed_towers(&old_scope, a, 2).await;
+    let old = old_scope.key().id();
+
+    let out = db.cli(&["keys", "rotate-context", "--grace-secs", "300"]);
+    assert!(out.status.success(), "{}", crate::helpers::stderr(&out));
+    let new = db.context_key().await.id();
+    assert_ne!(new, old, "{}", crate::helpers::stdout(&out));
+    assert!(
+        crate::helpers::stdout(&out).contains(&format!("context key {new} is in force")),
+        "{}",
+        crate::helpers::stdout(&out)
+    );
+
+    // Within the grace both keys seal contexts that verify.
+    let new_scope = db.scope().await;
+    assert_eq!(new_scope.key().id(), new);
+    for (what, scope) in [("old key", &old_scope), ("new key", &new_scope)] {
+        let mut tx = scope.begin(a).await.unwrap();
+        let n: i64 = sqlx::query_scalar("select count(*) from records")
+            .fetch_one(tx.conn().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "{what} within the grace");
+        tx.rollback().await.unwrap();
+    }
+
+    // Once the grace is over, contexts sealed with the old key grant nothing.
+    db.admin()
+        .await
+        .execute(sqlx::AssertSqlSafe(format!(
+            "update public.tenant_context_keys set valid_until = now() where id = {old}"
+        )))
+        .await
+        .unwrap();
+    let mut tx = old_scope.begin(a).await.unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from records")
+        .fetch_one(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a retired key's context verifies nothing");
+    tx.rollback().await.unwrap();
+    let mut tx = new_scope.begin(a).await.unwrap();
+    let n: i64 = sqlx::query_scalar("select count(*) from records")
+        .fetch_one(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "the new key's context");
+    tx.rollback().await.unwrap();
+
+    // Too short a grace is refused before anything changes.
+    let out = db.cli(&["keys", "rotate-context", "--grace-secs", "10"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        crate::helpers::stderr(&out).contains("too short"),
+        "{}",
+        crate::helpers::stderr(&out)
+    );
+    assert_eq!(db.context_key().await.id(), new);
+}

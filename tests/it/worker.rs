@@ -698,6 +698,48 @@ async fn audit_detects_each_posture_problem_and_run_refuses_to_start() {
             format!(r#"alter role {app} in database "{dbname}" reset app.tenant_id"#),
             "app.tenant_id has no role or database default".into(),
         ),
+        (
+            "the app role reads the context keys",
+            format!("grant select on public.tenant_context_keys to {app}"),
+            format!("revoke select on public.tenant_context_keys from {app}"),
+            format!("app role `{app}` cannot read the context keys"),
+        ),
+        (
+            "a policy that trusts app.tenant_id alone",
+            "alter policy tenant_isolation on public.job_runs using (tenant_id = public.current_tenant_id())".into(),
+            "alter policy tenant_isolation on public.job_runs using (tenant_id = public.current_tenant_id() and (select public.tenant_context_valid()))".into(),
+            "tenant policies require the sealed context".into(),
+        ),
+        (
+            "an immutable verifier",
+            "alter function public.tenant_context_valid() immutable".into(),
+            "alter function public.tenant_context_valid() stable".into(),
+            "public.tenant_context_valid(): stable".into(),
+        ),
+        (
+            "a security definer function without a pinned search_path",
+            "alter function public.complete_job_runs(uuid, jsonb, uuid[], text) reset search_path".into(),
+            "alter function public.complete_job_runs(uuid, jsonb, uuid[], text) set search_path = pg_catalog, pg_temp".into(),
+            "security definer functions pin their search_path".into(),
+        ),
+        (
+            "the app role may create in public",
+            format!("grant create on schema public to {app}"),
+            format!("revoke create on schema public from {app}"),
+            format!("app role `{app}` cannot create in any schema"),
+        ),
+        (
+            "the app role may run SQL text",
+            format!("grant execute on function pg_catalog.query_to_xml(text, boolean, boolean, text) to {app}"),
+            format!("revoke execute on function pg_catalog.query_to_xml(text, boolean, boolean, text) from {app}"),
+            format!("app role `{app}` cannot run SQL text through functions"),
+        ),
+        (
+            "a unique key that does not lead with tenant_id",
+            "create unique index audit_global_id on public.records (id)".into(),
+            "drop index public.audit_global_id".into(),
+            "tenant table keys lead with tenant_id".into(),
+        ),
     ];
     for (problem, introduce, undo, check) in &cases {
         admin

@@ -63,8 +63,13 @@ pub async fn tenant(settings: &Settings, cmd: TenantCommand) -> Result<()> {
     Ok(())
 }
 
-pub fn keys(cmd: KeysCommand) -> Result<()> {
-    let KeysCommand::Generate { out, key_id } = cmd;
+pub async fn keys(settings: &Settings, cmd: KeysCommand) -> Result<()> {
+    let (out, key_id) = match cmd {
+        KeysCommand::Generate { out, key_id } => (out, key_id),
+        KeysCommand::RotateContext { grace_secs } => {
+            return rotate_context(settings, grace_secs).await;
+        }
+    };
     let kid = key_id.map(|k| KeyId::parse(&k)).transpose()?;
     let (kid, private, public) = keys::generate_key_pair(&out, kid)?;
     println!("key id:      {kid}");
@@ -90,6 +95,26 @@ pub async fn audit(settings: &Settings) -> Result<i32> {
     admin.close().await;
     print_checks(&checks);
     Ok(if audit::failures(&checks) > 0 { 1 } else { 0 })
+}
+
+async fn rotate_context(settings: &Settings, grace_secs: u64) -> Result<()> {
+    if grace_secs < 120 {
+        anyhow::bail!(
+            "--grace-secs {grace_secs} is too short: workers look for a new context key once a \
+             minute, so give them at least 120 seconds (and as long as your longest job)"
+        );
+    }
+    let urls = resolve(settings).await?;
+    let admin = db::admin_pool(settings, &urls).await?;
+    let id = tenant_worker::scope::ContextKey::rotate(
+        &admin,
+        std::time::Duration::from_secs(grace_secs),
+    )
+    .await
+    .context("could not rotate the context key")?;
+    admin.close().await;
+    println!("context key {id} is in force; the previous key keeps verifying for {grace_secs} s");
+    Ok(())
 }
 
 /// Prints audit results.

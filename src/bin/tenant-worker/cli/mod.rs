@@ -152,6 +152,14 @@ pub enum KeysCommand {
         #[arg(long)]
         key_id: Option<String>,
     },
+    /// Replace the key that seals tenant contexts inside the database. The old key keeps
+    /// verifying for the grace period, so running workers (which pick up the new key within a
+    /// minute) and transactions in flight carry on.
+    RotateContext {
+        /// How long contexts sealed with the old key stay valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+    },
 }
 
 /// `jobs` subcommands.
@@ -256,7 +264,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Setup => admin::setup(&settings).await?,
         Command::Migrate => admin::migrate(&settings).await?,
         Command::Tenant(cmd) => admin::tenant(&settings, cmd).await?,
-        Command::Keys(cmd) => admin::keys(cmd)?,
+        Command::Keys(cmd) => admin::keys(&settings, cmd).await?,
         Command::Enqueue {
             kind,
             tenant,
