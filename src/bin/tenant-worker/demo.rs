@@ -2,8 +2,10 @@
 //!
 //! Starts PostgreSQL in a temporary directory, sets it up, creates two tenants with realistic
 //! data, enqueues signed jobs for both (and one tampered job), runs the worker until idle, and
-//! prints what ran plus a live isolation proof, including the "view without FORCE" gotcha on a
-//! scratch copy. Everything is removed on exit.
+//! prints what ran plus a live isolation proof: the "view without FORCE" gotcha on a scratch
+//! copy, and a job of the demo's own that forges `app.tenant_id` and sees nothing of the other
+//! tenant (where a policy that trusted the setting would have shown it all). Everything is
+//! removed on exit.
 
 use std::time::Instant;
 
@@ -23,7 +25,8 @@ use tenant_worker::queue::{self, NewJob};
 use tenant_worker::schedule::{Scheduler, store};
 use tenant_worker::scope::ContextKey;
 use tenant_worker::{
-    Enqueuer, KeyId, RunOptions, Scope, Signer, TenantId, Worker, client, jobs, tenant,
+    Enqueuer, JobContext, JobError, KeyId, RunOptions, Scope, ScopedTx, Signer, TenantId,
+    TenantJob, Worker, client, jobs, tenant,
 };
 
 /// Cities of the sample properties.
@@ -92,7 +95,9 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     // Signed jobs for each tenant, plus one whose stored tenant id is tampered with.
     let (jobs_dir, required) = settings.jobs.source();
     let catalog = Arc::new(Catalog::load(jobs_dir, required).context("loading declared jobs")?);
-    let kinds = Arc::new(jobs::builtins(&settings, catalog.clone()));
+    let mut kinds = jobs::builtins(&settings, catalog.clone());
+    kinds.register(Trespass)?;
+    let kinds = Arc::new(kinds);
     let signer = Signer::from_file(kid, &private)?;
     let enqueuer = Enqueuer::new(queue_pool.clone(), signer, &settings, kinds.clone());
     let mut jobs = Vec::new();
@@ -118,6 +123,12 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
             jobs.push((name, t, id));
         }
     }
+    // A job of the demo's own, written as an attacker would: Northwind's job forges Helios.
+    let trespass = enqueuer
+        .enqueue::<Trespass>(northwind, &TrespassArgs { other: helios })
+        .await?
+        .id;
+    jobs.push(("Northwind Properties", northwind, trespass));
     // A schedule that fires every second, for Northwind: the scheduler turns its due fire
     // into one signed job.
     let sched_pool = db::scheduler_pool(&settings, &urls).await?;
@@ -189,17 +200,23 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
                 r.get("rows").and_then(|v| v.as_u64()).unwrap_or(0),
                 r.get("path").and_then(|v| v.as_str()).unwrap_or("?")
             ),
+            (Some(Trespass::KIND), Some(r)) => format!(
+                "set app.tenant_id to Helios's id, then saw {} records",
+                r.get("records_seen_as_other")
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or(-1)
+            ),
             _ => info.error().unwrap_or_default(),
         };
         println!(
-            "  {name:<22} {:<7} {:<8} {what}",
+            "  {name:<22} {:<13} {:<8} {what}",
             info.kind.as_deref().unwrap_or("?"),
             info.state
         );
     }
     let info = queue::show(&queue_pool, &victim.to_string()).await?;
     println!(
-        "  {:<22} {:<7} {:<8} {}",
+        "  {:<22} {:<13} {:<8} {}",
         "(tampered job)",
         info.kind.as_deref().unwrap_or("?"),
         info.state,
@@ -223,10 +240,25 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
         "  the owner's view over the copy, in Northwind's context, shows {leaky} rows (both tenants!)"
     );
     println!("  the real view (FORCE on) in the same session shows {forced} rows");
+    let (trusting, verified) = forged_setting(&admin, owner, &settings.roles.app, helios).await?;
+    println!(
+        "a forged `app.tenant_id` (Helios's id, set by SQL as the app role, no sealed context):"
+    );
+    println!(
+        "  a policy that trusts the setting (a scratch copy of the table) shows {trusting} rows"
+    );
+    println!("  the real policy, which verifies the sealed context, shows {verified} rows");
+    let trespass_saw = queue::show(&queue_pool, &trespass.to_string())
+        .await?
+        .result()
+        .and_then(|r| r.get("records_seen_as_other").and_then(|v| v.as_i64()));
     let ok = a == n_north
         && b == n_helios
         && none == 0
         && leaky == n_north + n_helios
+        && trusting == n_helios
+        && verified == 0
+        && trespass_saw == Some(0)
         && summary.rejected == 1;
     println!();
     println!(
@@ -244,6 +276,83 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     queue_pool.close().await;
     anyhow::ensure!(ok, "isolation proof failed");
     Ok(())
+}
+
+/// A job kind of the demo's own, written as an attacker would: it points `app.tenant_id` at
+/// another tenant, counts the records it can see, and points it back before it returns (so a
+/// commit-time check of the setting alone would not notice). The sealed context makes the
+/// count 0.
+struct Trespass;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrespassArgs {
+    /// The tenant it tries to reach.
+    other: TenantId,
+}
+
+#[derive(serde::Serialize)]
+struct TrespassOutput {
+    records_seen_as_other: i64,
+}
+
+impl TenantJob for Trespass {
+    const KIND: &'static str = "demo_trespass";
+    type Args = TrespassArgs;
+    type Output = TrespassOutput;
+
+    async fn run(
+        &self,
+        tx: &mut ScopedTx,
+        ctx: &JobContext,
+        args: TrespassArgs,
+    ) -> Result<TrespassOutput, JobError> {
+        let conn = tx.conn().await?;
+        sqlx::query("select set_config('app.tenant_id', $1, true)")
+            .bind(args.other.to_string())
+            .execute(&mut *conn)
+            .await?;
+        let records_seen_as_other: i64 = sqlx::query_scalar("select count(*) from records")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query("select set_config('app.tenant_id', $1, true)")
+            .bind(ctx.tenant_id().to_string())
+            .execute(&mut *conn)
+            .await?;
+        Ok(TrespassOutput {
+            records_seen_as_other,
+        })
+    }
+}
+
+/// What a forged `app.tenant_id` shows as the app role: through a scratch copy of `records`
+/// under the policy that trusts the setting (round 1's), and through the real table.
+async fn forged_setting(admin: &PgPool, owner: &str, app: &str, t: TenantId) -> Result<(i64, i64)> {
+    let mut tx = admin.begin().await?;
+    tx.execute(AssertSqlSafe(format!(
+        r#"create temp table records_trusting (like public.records including defaults);
+           insert into records_trusting select * from public.records;
+           alter table records_trusting owner to "{owner}";
+           alter table records_trusting enable row level security;
+           alter table records_trusting force row level security;
+           create policy tenant_isolation on records_trusting
+               using (tenant_id = public.current_tenant_id());
+           grant select on records_trusting to "{app}";
+           set local role "{app}";"#
+    )))
+    .await?;
+    sqlx::query("select set_config('app.tenant_id', $1, true)")
+        .bind(t.to_string())
+        .execute(&mut *tx)
+        .await?;
+    let trusting: i64 = sqlx::query_scalar("select count(*) from records_trusting")
+        .fetch_one(&mut *tx)
+        .await?;
+    let verified: i64 = sqlx::query_scalar("select count(*) from public.records")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    Ok((trusting, verified))
 }
 
 /// Realistic sample data, written through the scoped transaction as the app role.
