@@ -137,7 +137,7 @@ impl JobContext {
 
     /// Reports progress: `done` units of `total` (`None` or a number). Cheap to call often:
     /// it is stored at most twice a second, outside the job's transaction, and shown by
-    /// `tenant-worker jobs show` and `jobs watch` while the job runs.
+    /// `tenant-worker jobs show` while the job runs.
     pub fn progress(&self, done: u64, total: impl Into<Option<u64>>) {
         self.report(Progress {
             done,

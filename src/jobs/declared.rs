@@ -13,11 +13,11 @@
 //! description = "Properties and units per city"
 //! format = "csv"
 //! sql = "select city, count(*) as properties, sum(units) as units from v_property group by city"
-//!
-//! [schedule]              # optional: a default schedule (see `schedule add`)
-//! cron = "0 3 * * *"
-//! tz = "Europe/Berlin"
 //! ```
+//!
+//! A declared job has no schedule of its own: schedules are per tenant (`tenant-worker schedule
+//! add --tenant ID --cron EXPR export --source properties_by_city`). A `[schedule]` block is
+//! refused with that advice (it used to be accepted and never fired).
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -50,21 +50,6 @@ pub enum DeclaredKind {
     Process,
 }
 
-/// A default schedule in a declared job.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeclaredSchedule {
-    /// Cron expression (5 fields, or 6 with seconds first).
-    pub cron: String,
-    /// IANA time zone (default UTC).
-    #[serde(default = "utc")]
-    pub tz: String,
-}
-
-fn utc() -> String {
-    "UTC".into()
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -75,8 +60,9 @@ struct File {
     #[serde(default)]
     format: Option<String>,
     sql: String,
+    /// Refused with advice; see the module docs.
     #[serde(default)]
-    schedule: Option<DeclaredSchedule>,
+    schedule: Option<serde::de::IgnoredAny>,
 }
 
 /// A validated declared job.
@@ -92,8 +78,6 @@ pub struct Declared {
     pub format: Option<String>,
     /// The checked statement, printed back from its parse tree.
     pub sql: String,
-    /// Optional default schedule.
-    pub schedule: Option<DeclaredSchedule>,
     /// Where it came from.
     pub file: PathBuf,
 }
@@ -201,9 +185,16 @@ pub fn parse_declared(file: &Path, text: &str) -> Result<Declared, LoadError> {
         }
         DeclaredKind::Process => check_data_statement(&raw.sql).map_err(err)?,
     };
-    if let Some(s) = &raw.schedule {
-        crate::schedule::cron::parse_cron(&s.cron).map_err(|e| err(e.to_string()))?;
-        crate::schedule::cron::parse_tz(&s.tz).map_err(|e| err(e.to_string()))?;
+    if raw.schedule.is_some() {
+        return Err(err(format!(
+            "a declared job has no `[schedule]`: schedules are per tenant; remove the block and \
+             run `tenant-worker schedule add --tenant ID --cron EXPR {} ...` for each tenant",
+            match raw.kind {
+                DeclaredKind::Export => format!("export --source {}", raw.name),
+                DeclaredKind::Rollup => format!("rollup --name {}", raw.name),
+                DeclaredKind::Process => format!("process --name {}", raw.name),
+            }
+        )));
     }
     Ok(Declared {
         name: raw.name,
@@ -211,7 +202,6 @@ pub fn parse_declared(file: &Path, text: &str) -> Result<Declared, LoadError> {
         description: raw.description,
         format: raw.format,
         sql,
-        schedule: raw.schedule,
         file: file.to_owned(),
     })
 }

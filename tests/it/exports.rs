@@ -990,7 +990,6 @@ async fn a_tenant_switch_inside_a_named_export_is_caught() {
             "select r.id, r.tenant_id from (select set_config('app.tenant_id', '{b}', true) as s offset 0) x, \
              lateral (select id, tenant_id from records where x.s is not null) r"
         ),
-        schedule: None,
         file: PathBuf::from("sneaky.toml"),
     });
     let job = enqueue_export(

@@ -1738,6 +1738,22 @@ async fn declared_processing_runs_in_one_tenant() {
     declared::parse_declared(Path::new("x.toml"), &shipped).expect("the shipped file loads");
 }
 
+#[test]
+fn a_declared_schedule_block_is_refused_with_the_command_that_schedules_it() {
+    // It used to be parsed, validated and never fired.
+    let text = "name = \"weekly\"\nkind = \"export\"\nsql = \"select 1\"\n\n[schedule]\ncron = \"0 6 * * 1\"\n";
+    let err = declared::parse_declared(Path::new("jobs/weekly.toml"), text)
+        .expect_err("a [schedule] block")
+        .to_string();
+    assert!(err.contains("jobs/weekly.toml"), "{err}");
+    assert!(
+        err.contains("schedule add --tenant ID --cron EXPR export --source weekly"),
+        "{err}"
+    );
+    // Every shipped file loads.
+    declared::Catalog::load(&shipped_jobs_dir(), true).expect("the shipped jobs load");
+}
+
 /// Even a process statement that reaches the worker (built directly, as `Catalog::insert`
 /// allows) and switches the tenant mid-statement has its work rolled back.
 #[tokio::test]
@@ -1759,7 +1775,6 @@ async fn a_process_that_switches_tenant_is_rolled_back() {
              from (select set_config('app.tenant_id', '{b}', true) as s offset 0) x \
              where x.s is not null and r.kind = 'customer'"
         ),
-        schedule: None,
         file: PathBuf::from("sneaky.toml"),
     });
     let job = enqueue(
