@@ -30,10 +30,76 @@ pub enum Error {
         /// Why it was refused (never contains a secret).
         reason: String,
     },
+    /// A key that no setting has, usually a misspelling: refused, so that a typo in, say,
+    /// `database.admin_url` cannot quietly select the local default cluster.
+    #[error(
+        "unknown setting `{key}` (in the config file, or the environment variable `{env}`){}",
+        suggestion.as_ref().map(|s| format!("; did you mean `{s}`?")).unwrap_or_default()
+    )]
+    Unknown {
+        /// The dotted key as given.
+        key: String,
+        /// The environment variable that would set it.
+        env: String,
+        /// The nearest known key, when one is near.
+        suggestion: Option<String>,
+    },
 }
 
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The fewest connections per pool with which the worker runs (see
+/// [`Settings::validate`]).
+pub const MIN_CONNECTIONS: u32 = 3;
+
+/// The error for a key no setting has, with the nearest known key of its section.
+fn unknown_key(key: String) -> Error {
+    use serde_aux::serde_introspection::serde_introspect as fields;
+    let (section, name) = key.rsplit_once('.').unwrap_or(("", key.as_str()));
+    let known: &[&str] = match section {
+        "" => fields::<Settings>(),
+        "database" => fields::<DatabaseSettings>(),
+        "roles" => fields::<RoleSettings>(),
+        "keys" => fields::<KeySettings>(),
+        "worker" => fields::<WorkerSettings>(),
+        "dev" => fields::<DevSettings>(),
+        "exports" => fields::<ExportSettings>(),
+        "imports" => fields::<ImportSettings>(),
+        "jobs" => fields::<JobsSettings>(),
+        s if s.starts_with("kinds.") && !s["kinds.".len()..].contains('.') => {
+            fields::<KindSettings>()
+        }
+        _ => &[],
+    };
+    // Keys that were renamed.
+    let renamed = match key.as_str() {
+        k if k == "worker.timeouts" || k.starts_with("worker.timeouts.") => {
+            Some("kinds.<kind>.timeout_secs".to_string())
+        }
+        _ => None,
+    };
+    let suggestion = renamed.or_else(|| {
+        known
+            .iter()
+            .map(|k| (strsim::damerau_levenshtein(name, k), k))
+            .filter(|(d, k)| *d <= (k.len() / 4).max(1))
+            .min()
+            .map(|(_, k)| {
+                if section.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{section}.{k}")
+                }
+            })
+    });
+    let env = format!("TENANT_WORKER__{}", key.replace('.', "__").to_uppercase());
+    Error::Unknown {
+        key,
+        env,
+        suggestion,
+    }
+}
 
 /// The whole settings tree.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -300,15 +366,20 @@ impl Settings {
             Some(p) => builder.add_source(config::File::from(p).required(true)),
             None => builder.add_source(config::File::with_name("worker.toml").required(false)),
         };
-        let settings: Settings = builder
+        let config = builder
             .add_source(
                 config::Environment::with_prefix("TENANT_WORKER")
                     .prefix_separator("__")
                     .separator("__")
                     .try_parsing(true),
             )
-            .build()?
-            .try_deserialize()?;
+            .build()?;
+        let mut unknown = Vec::new();
+        let settings: Settings =
+            serde_ignored::deserialize(config, |path| unknown.push(path.to_string()))?;
+        if let Some(key) = unknown.into_iter().next() {
+            return Err(unknown_key(key));
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -356,6 +427,69 @@ impl Settings {
                 key: "database.admin_url",
                 reason: "app_url/queue_url are set but admin_url is not; set admin_url too".into(),
             });
+        }
+        if self.database.max_connections < MIN_CONNECTIONS {
+            return Err(Error::Invalid {
+                key: "database.max_connections",
+                reason: format!(
+                    "{} is too few: the worker needs at least {MIN_CONNECTIONS} per pool (the \
+                     queue pool holds one for LISTEN and fetches and writes outcomes on others)",
+                    self.database.max_connections
+                ),
+            });
+        }
+        let bounded: [(&'static str, u64, u64); 11] = [
+            (
+                "database.max_connections",
+                self.database.max_connections as u64,
+                1_000,
+            ),
+            (
+                "database.connect_timeout_secs",
+                self.database.connect_timeout_secs,
+                3_600,
+            ),
+            ("worker.concurrency", self.worker.concurrency as u64, 1_024),
+            ("worker.batch_size", self.worker.batch_size as u64, 10_000),
+            (
+                "worker.max_attempts",
+                self.worker.max_attempts as u64,
+                1_000,
+            ),
+            (
+                "worker.poll_interval_ms",
+                self.worker.poll_interval_ms,
+                3_600_000,
+            ),
+            ("worker.heartbeat_secs", self.worker.heartbeat_secs, 3_600),
+            (
+                "worker.missed_heartbeats",
+                self.worker.missed_heartbeats as u64,
+                1_000,
+            ),
+            (
+                "worker.job_timeout_secs",
+                self.worker.job_timeout_secs,
+                7 * 24 * 3_600,
+            ),
+            (
+                "worker.max_payload_bytes",
+                self.worker.max_payload_bytes as u64,
+                64 << 20,
+            ),
+            (
+                "keys.job_ttl_secs",
+                self.keys.job_ttl_secs,
+                366 * 24 * 3_600,
+            ),
+        ];
+        for (key, value, max) in bounded {
+            if value > max {
+                return Err(Error::Invalid {
+                    key,
+                    reason: format!("{value} is more than the largest accepted value, {max}"),
+                });
+            }
         }
         let positive = [
             (

@@ -8,5 +8,6 @@ mod helpers;
 mod job_api;
 mod processing;
 mod rounds;
+mod settings;
 mod tenant_context;
 mod worker;
