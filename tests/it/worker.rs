@@ -1374,3 +1374,131 @@ async fn stopped_worker_generations_leave_no_queue_connection_inside_a_transacti
             .unwrap();
     assert_eq!((runs, distinct), (enqueued as i64, enqueued as i64));
 }
+
+// ------------------------------------------------------------------------------------------
+// Idempotency keys and attempts
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_idempotency_key_is_one_tenants_and_a_repeat_returns_the_existing_job() {
+    // It used to be global: B's job with A's key was silently not created.
+    let db = TestDb::new().await;
+    let (a, b) = (db.tenant("A").await, db.tenant("B").await);
+    let enqueuer = db.enqueuer().await;
+    let job = || NewJob::new("noop", json!({})).idempotency_key("k1");
+    let first_a = enqueuer.enqueue_job(a, job()).await.unwrap();
+    let first_b = enqueuer.enqueue_job(b, job()).await.unwrap();
+    assert!(
+        first_a.created && first_b.created,
+        "each tenant gets its job"
+    );
+    assert_ne!(first_a.id, first_b.id);
+    let again = enqueuer.enqueue_job(a, job()).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.id, first_a.id, "the repeat names the existing job");
+    // The key with another kind, same tenant: an error naming the job that holds it.
+    let err = enqueuer
+        .enqueue_job(a, NewJob::new("rollup", json!({})).idempotency_key("k1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, queue::Error::KeyConflict { existing, .. } if *existing == first_a.id),
+        "{err}"
+    );
+    // The constraint is the database's, not only the code's.
+    let per_tenant: bool = sqlx::query_scalar(
+        "select pg_get_indexdef(indexrelid) like '%tenant_id%' from pg_index
+         where indexrelid = 'apalis.apalis_jobs_idempotency_per_tenant'::regclass",
+    )
+    .fetch_one(&db.admin().await)
+    .await
+    .unwrap();
+    assert!(per_tenant);
+
+    // The CLI prints the existing job's id for a repeat (scripts do `J=$(tenant-worker enqueue ...)`).
+    let tenant = a.to_string();
+    let args = [
+        "enqueue",
+        "noop",
+        "--tenant",
+        &tenant,
+        "--idempotency-key",
+        "k2",
+    ];
+    let one = db.cli(&args);
+    let two = db.cli(&args);
+    assert!(
+        one.status.success() && two.status.success(),
+        "{}",
+        stderr(&two)
+    );
+    assert_eq!(stdout(&one).trim(), stdout(&two).trim());
+    assert!(
+        stderr(&two).contains("already enqueued"),
+        "{}",
+        stderr(&two)
+    );
+    let b_tenant = b.to_string();
+    let other = db.cli(&[
+        "enqueue",
+        "noop",
+        "--tenant",
+        &b_tenant,
+        "--idempotency-key",
+        "k2",
+    ]);
+    assert!(other.status.success());
+    assert_ne!(stdout(&other).trim(), stdout(&one).trim(), "B's own job");
+    assert!(
+        !stderr(&other).contains("already enqueued"),
+        "{}",
+        stderr(&other)
+    );
+}
+
+#[tokio::test]
+async fn a_jobs_attempts_are_fixed_at_enqueue_whatever_the_workers_setting() {
+    // A job enqueued with 5 attempts and run by a worker set to 2 used to go straight back to
+    // runnable after each "last" attempt, with no backoff, until 5/5.
+    let db = TestDb::new().await;
+    let tenant = db.tenant("A").await;
+    let enqueuer = db.enqueuer().await;
+    let job = enqueuer
+        .enqueue_job(
+            tenant,
+            NewJob::new("noop", json!({ "fail": "on purpose" })).max_attempts(3),
+        )
+        .await
+        .unwrap()
+        .id;
+    let mut vars = db.env();
+    vars.push(("TENANT_WORKER__WORKER__MAX_ATTEMPTS".into(), "1".into()));
+    vars.push((
+        "TENANT_WORKER__WORKER__BACKOFF_BASE_MS".into(),
+        "300".into(),
+    ));
+    vars.push(("TENANT_WORKER__WORKER__BACKOFF_MAX_MS".into(), "300".into()));
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let out = helpers::cli_with_env(&["run", "--until-idle"], &vars);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let info = helpers::job_info(&db.queue().await, job).await;
+        runs.push((info.attempts, info.state.to_string(), info.run_at));
+        if info.attempts >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let (attempts, state, _) = runs.last().unwrap().clone();
+    assert_eq!(attempts, 3, "{runs:?}");
+    assert_eq!(state, "dead", "{runs:?}");
+    let info = helpers::job_info(&db.queue().await, job).await;
+    assert_eq!(
+        info.max_attempts, 3,
+        "the job's own number, shown by jobs show"
+    );
+    // Every retry waited out a backoff: each run_at after a failure is later than the last.
+    for w in runs.windows(2) {
+        assert!(w[1].2 > w[0].2, "{runs:?}");
+    }
+}
