@@ -38,6 +38,12 @@ pub enum Error {
     /// No schedule with this id.
     #[error("no schedule with id {0}")]
     NotFound(Uuid),
+    /// No registered tenant with this id.
+    #[error("no tenant with id {0} (see `tenant-worker tenant list`)")]
+    UnknownTenant(crate::ids::TenantId),
+    /// The tenant is suspended: its jobs would be refused.
+    #[error("tenant {0} is suspended: activate it first (`tenant-worker tenant activate {0}`)")]
+    SuspendedTenant(crate::ids::TenantId),
 }
 
 /// Result alias for this module.

@@ -28,6 +28,16 @@ pub async fn add(
     parse_tz(tz)?;
     registry.check(kind, args)?;
     let mut tx = scope.begin(tenant).await?;
+    // The tenant's own registry row is visible in its context (policy `tenant_self`).
+    let status: Option<String> = sqlx::query_scalar("select status from tenants where id = $1")
+        .bind(tenant)
+        .fetch_optional(tx.conn().await?)
+        .await?;
+    match status.as_deref() {
+        None => return Err(Error::UnknownTenant(tenant)),
+        Some("active") => {}
+        Some(_) => return Err(Error::SuspendedTenant(tenant)),
+    }
     let id: Uuid = sqlx::query_scalar(
         "insert into schedules (tenant_id, cron, timezone, kind, args) values ($1, $2, $3, $4, $5) returning id",
     )

@@ -1271,6 +1271,55 @@ async fn schedules_are_validated_and_tenant_scoped() {
             "{err:?}"
         );
     }
+    // An unknown tenant and a suspended one: named, not a raw foreign-key error.
+    let stranger = TenantId(Uuid::new_v4());
+    let err = store::add(
+        &app,
+        &db.kinds(catalog.clone()),
+        stranger,
+        "0 3 * * *",
+        "UTC",
+        "noop",
+        &json!({}),
+    )
+    .await
+    .expect_err("unknown tenant");
+    assert_eq!(
+        err.to_string(),
+        format!("no tenant with id {stranger} (see `tenant-worker tenant list`)")
+    );
+    let resting = db.tenant("Resting").await;
+    tenant_worker::tenant::set_status(&db.admin().await, &db.settings.roles.owner, resting, false)
+        .await
+        .unwrap();
+    let err = store::add(
+        &app,
+        &db.kinds(catalog.clone()),
+        resting,
+        "0 3 * * *",
+        "UTC",
+        "noop",
+        &json!({}),
+    )
+    .await
+    .expect_err("suspended tenant");
+    assert!(err.to_string().contains("is suspended"), "{err}");
+    let out = db.cli(&[
+        "schedule",
+        "add",
+        "--tenant",
+        &stranger.to_string(),
+        "--cron",
+        "0 3 * * *",
+        "noop",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("no tenant with id {stranger}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("foreign key"), "{}", stderr(&out));
     assert!(
         store::list_all(&sched).await.unwrap().is_empty(),
         "a refused schedule was stored"
