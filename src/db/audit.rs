@@ -30,6 +30,10 @@ pub struct Check {
     pub detail: String,
     /// How to fix it (empty when ok).
     pub fix: String,
+    /// The statement `setup` runs to repair it, when the repair is unambiguous (flags,
+    /// ownership and privileges of the objects `setup` made).
+    #[serde(skip)]
+    pub repair: Option<String>,
 }
 
 impl Check {
@@ -39,6 +43,7 @@ impl Check {
             ok: true,
             detail: detail.into(),
             fix: String::new(),
+            repair: None,
         }
     }
 
@@ -48,7 +53,15 @@ impl Check {
             ok: false,
             detail: detail.into(),
             fix: fix.into(),
+            repair: None,
         }
+    }
+
+    /// A failure whose fix is a statement `setup` may run as it is.
+    fn repairable(name: impl Into<String>, detail: impl Into<String>, fix: String) -> Self {
+        let mut check = Self::fail(name, detail, fix.clone());
+        check.repair = Some(fix);
+        check
     }
 }
 
@@ -149,7 +162,7 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
         checks.push(if enabled {
             Check::pass(format!("{t}: row level security enabled"), "enabled")
         } else {
-            Check::fail(
+            Check::repairable(
                 format!("{t}: row level security enabled"),
                 "RLS is off: every role with SELECT sees every tenant",
                 format!("alter table {t} enable row level security"),
@@ -158,7 +171,7 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
         checks.push(if forced {
             Check::pass(format!("{t}: row level security forced"), "forced")
         } else {
-            Check::fail(
+            Check::repairable(
                 format!("{t}: row level security forced"),
                 "not forced: the owner (and every view it owns) bypasses the policy",
                 format!("alter table {t} force row level security"),
@@ -188,7 +201,7 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
             )
         });
         checks.push(if owner == roles.app {
-            Check::fail(
+            Check::repairable(
                 format!("{t}: not owned by the app role"),
                 format!("owned by `{owner}`: the app role can alter or disable its policies"),
                 format!("alter table {t} owner to {}", roles.owner),
@@ -210,7 +223,7 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
         .fetch_one(admin)
         .await?;
         checks.push(if queue_reads {
-            Check::fail(
+            Check::repairable(
                 format!("{t}: queue role cannot read it"),
                 format!("`{}` has SELECT on tenant data", roles.queue),
                 format!("revoke all on {t} from {}", roles.queue),
@@ -219,7 +232,7 @@ async fn table_checks(admin: &PgPool, roles: &RoleSettings, checks: &mut Vec<Che
             Check::pass(format!("{t}: queue role cannot read it"), "no select")
         });
         checks.push(if app_extra {
-            Check::fail(
+            Check::repairable(
                 format!("{t}: app role has only DML"),
                 "app role has TRUNCATE, REFERENCES or TRIGGER (TRUNCATE ignores RLS)",
                 format!(
@@ -354,7 +367,7 @@ async fn context_checks(
             checks.push(if owner == roles.owner {
                 Check::pass(name, format!("owner `{owner}`"))
             } else {
-                Check::fail(
+                Check::repairable(
                     name,
                     format!("owned by `{owner}`: its owner can replace what it checks"),
                     format!("alter function {VERIFIER} owner to {}", roles.owner),
@@ -364,7 +377,7 @@ async fn context_checks(
             checks.push(if definer {
                 Check::pass(name, "reads the keys as its owner")
             } else {
-                Check::fail(
+                Check::repairable(
                     name,
                     "SECURITY INVOKER: it runs as the caller, who must not be able to read the keys",
                     format!("alter function {VERIFIER} security definer"),
@@ -374,7 +387,7 @@ async fn context_checks(
             checks.push(if volatility == "s" {
                 Check::pass(name, "stable")
             } else {
-                Check::fail(
+                Check::repairable(
                     name,
                     format!(
                         "volatility `{volatility}`: immutable lets a plan keep a verdict, volatile \
@@ -405,7 +418,7 @@ async fn context_checks(
         checks.push(Check::pass(PINNED, "search_path = pg_catalog, pg_temp"));
     }
     for f in unpinned {
-        checks.push(Check::fail(
+        checks.push(Check::repairable(
             PINNED,
             format!("{f} runs as its owner with a search_path the caller can influence"),
             format!("alter function {f} set search_path = pg_catalog, pg_temp"),
@@ -430,7 +443,7 @@ async fn context_checks(
         .flatten();
         checks.push(match reads {
             Some(false) => Check::pass(name, "no privilege"),
-            Some(true) => Check::fail(
+            Some(true) => Check::repairable(
                 name,
                 "it can read or change the key that seals tenant contexts: it can forge any tenant",
                 format!("revoke all on public.tenant_context_keys from {role}, public"),
@@ -453,7 +466,7 @@ async fn context_checks(
     .flatten();
     checks.push(match guards {
         Some(false) => Check::pass(name, "insert at most"),
-        Some(true) => Check::fail(
+        Some(true) => Check::repairable(
             name,
             "it can delete its transaction's guard: job SQL could commit by itself",
             format!(
@@ -483,7 +496,7 @@ async fn context_checks(
     checks.push(if creatable.is_empty() {
         Check::pass(name, "no CREATE")
     } else {
-        Check::fail(
+        Check::repairable(
             name,
             format!("CREATE on {}", creatable.join(", ")),
             creatable
@@ -565,6 +578,27 @@ async fn key_checks(admin: &PgPool, checks: &mut Vec<Check>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Runs the audit and the repair statements of its failed [`Check`]s that have one (flags,
+/// ownership and privileges that `setup` made and someone changed since). Returns the names
+/// of the checks repaired; what needs a decision (a view owned by a superuser, a role
+/// default) stays for `audit` to report.
+///
+/// # Errors
+/// Database errors (a repair the admin role may not run, say).
+pub async fn repair(admin: &PgPool, roles: &RoleSettings) -> Result<Vec<String>> {
+    let mut repaired = Vec::new();
+    for check in run(admin, roles).await? {
+        if let (false, Some(sql)) = (check.ok, &check.repair) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(admin)
+                .await?;
+            tracing::info!(check = %check.name, "repaired");
+            repaired.push(check.name);
+        }
+    }
+    Ok(repaired)
 }
 
 /// Number of failed checks.

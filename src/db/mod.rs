@@ -66,6 +66,9 @@ pub enum Error {
     /// Bad settings.
     #[error(transparent)]
     Config(#[from] config::Error),
+    /// The audit (or a repair it proposed) failed to run.
+    #[error("the security audit could not run")]
+    Audit(#[from] audit::Error),
 }
 
 /// Result alias for this module.

@@ -34,13 +34,15 @@ pub async fn ensure_database(admin_url: &SecretString) -> Result<()> {
     Ok(())
 }
 
-/// `tenant-worker setup`: roles, extensions, both migrators, grants and role policies.
-/// Running it again changes nothing.
+/// `tenant-worker setup`: roles, extensions, both migrators, grants and role policies, then
+/// the repair of every `audit` check whose fix is unambiguous (RLS flags, ownership and
+/// privileges of the objects it made). Returns the names of the checks it repaired. Running
+/// it again changes nothing.
 ///
 /// # Errors
 /// [`Error::AdminLacksCreateRole`] when the admin role cannot create roles; any database or
 /// migration error.
-pub async fn setup(settings: &Settings, urls: &DbUrls) -> Result<()> {
+pub async fn setup(settings: &Settings, urls: &DbUrls) -> Result<Vec<String>> {
     ensure_database(&urls.admin).await?;
     let mut conn = connect("admin", &urls.admin).await?;
     ensure_roles(&mut conn, settings).await?;
@@ -54,7 +56,12 @@ pub async fn setup(settings: &Settings, urls: &DbUrls) -> Result<()> {
     )))
     .await?;
     conn.close().await?;
-    migrate(settings, urls).await
+    migrate(settings, urls).await?;
+    // Bring back what someone changed since (FORCE turned off, a grant added, ...).
+    let admin = super::admin_pool(settings, urls).await?;
+    let repaired = super::audit::repair(&admin, &settings.roles).await;
+    admin.close().await;
+    Ok(repaired?)
 }
 
 /// `tenant-worker migrate`: our migrations (as the owner role), apalis-postgres's migrations,

@@ -801,3 +801,57 @@ async fn invalid_configuration_names_the_key() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("worker.toml"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn setup_restores_the_posture_it_made_and_says_what_it_repaired() {
+    // `setup` used to leave FORCE off (and the rest) for the user to fix by hand.
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    let app = &db.settings.roles.app;
+    for statement in [
+        "alter table public.records no force row level security".to_string(),
+        "alter table public.job_runs disable row level security".to_string(),
+        format!("grant truncate on public.records to {app}"),
+        format!("grant select on public.tenant_context_keys to {app}"),
+        format!("grant create on schema public to {app}"),
+        "alter function public.tenant_context_valid() immutable".to_string(),
+    ] {
+        admin.execute(sqlx::AssertSqlSafe(statement)).await.unwrap();
+    }
+    let failed = |checks: Vec<tenant_worker::db::audit::Check>| {
+        checks
+            .into_iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+    let before = failed(
+        tenant_worker::db::audit::run(&admin, &db.settings.roles)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(before.len(), 6, "{before:?}");
+
+    let out = db.cli(&["setup"]);
+    assert!(out.status.success(), "{}", crate::helpers::stderr(&out));
+    let printed = crate::helpers::stdout(&out);
+    for check in &before {
+        assert!(
+            printed.contains(&format!("repaired: {check}")),
+            "{check}: {printed}"
+        );
+    }
+    let after = failed(
+        tenant_worker::db::audit::run(&admin, &db.settings.roles)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(after, Vec::<String>::new());
+    // And again: nothing left to repair.
+    let out = db.cli(&["setup"]);
+    assert!(
+        !crate::helpers::stdout(&out).contains("repaired"),
+        "{}",
+        crate::helpers::stdout(&out)
+    );
+}

@@ -65,7 +65,20 @@
 //!   in-process export jobs each time (run record `started_at` to manifest `finished_at`).
 //!   `EXPLAIN (ANALYZE, BUFFERS)` of the export query as the app role in the tenant's context
 //!   goes into the JSON, to show the index use under RLS.
-//!
+//! - **context**: what the verified tenant context costs, against the "trusting" policy it
+//!   replaced (`tenant_id = current_tenant_id()` alone). A 1,000-row tenant among other
+//!   tenants' rows; the baseline table `bench_trusting` is a copy of `records` (`like ...
+//!   including all`, so the same indexes) owned by the owner role, with forced RLS and the
+//!   trusting policies, dropped at the end. Ours: `Scope::begin` (the sealed context, checked
+//!   again at commit), then `select 1` (a minimal scoped transaction), or the tenant's
+//!   `count(*), sum(units)` of its properties, then commit. Baseline: a plain transaction on
+//!   the same app pool that only runs `set_config('app.tenant_id', ..)`, then the same
+//!   statement (on `bench_trusting`). Transactions per second with `worker.concurrency`
+//!   concurrent tasks, each side for a fixed time after a [`CONTEXT_WARMUP`] that is not
+//!   counted, run twice in the order ours, baseline, baseline, ours (so a drift of the machine
+//!   favours neither); the rate is over both runs. `EXPLAIN (ANALYZE, BUFFERS)` of the query
+//!   on each side goes into the JSON, with whether it is an index scan (a warning is printed
+//!   when ours is not).
 //! # Peak memory of the child worker
 //!
 //! Exact where possible: `getrusage(RUSAGE_CHILDREN).ru_maxrss` is the largest peak RSS of all
@@ -125,17 +138,20 @@ pub enum Scenario {
     Rollup,
     /// A small tenant's export while the table grows.
     Scale,
+    /// Scoped transactions with the verified context versus the trusting policy.
+    Context,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Export,
         Scenario::Import,
         Scenario::Rollup,
         Scenario::Scale,
+        Scenario::Context,
     ];
 
     /// The scenario's name on the command line and in the report.
@@ -147,6 +163,7 @@ impl Scenario {
             Scenario::Import => "import",
             Scenario::Rollup => "rollup",
             Scenario::Scale => "scale",
+            Scenario::Context => "context",
         }
     }
 }
@@ -165,6 +182,9 @@ pub struct Options {
 /// Jobs enqueued this long after the first are the ones the latency scenario counts.
 pub(crate) const LATENCY_WARMUP: Duration = Duration::from_secs(1);
 
+/// Each measurement of the context scenario runs this long before it starts counting.
+pub(crate) const CONTEXT_WARMUP: Duration = Duration::from_millis(500);
+
 /// Data sizes of one run.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Sizes {
@@ -179,6 +199,9 @@ pub(crate) struct Sizes {
     pub(crate) scale_small_table: i64,
     pub(crate) scale_large_table: i64,
     pub(crate) scale_runs: usize,
+    pub(crate) context_tenant_rows: i64,
+    pub(crate) context_other_rows: i64,
+    pub(crate) context_secs: u64,
 }
 
 impl Sizes {
@@ -196,6 +219,9 @@ impl Sizes {
                 scale_small_table: 10_000,
                 scale_large_table: 200_000,
                 scale_runs: 3,
+                context_tenant_rows: 1_000,
+                context_other_rows: 20_000,
+                context_secs: 1,
             }
         } else {
             Sizes {
@@ -210,6 +236,9 @@ impl Sizes {
                 scale_small_table: 10_000,
                 scale_large_table: 5_000_000,
                 scale_runs: 5,
+                context_tenant_rows: 1_000,
+                context_other_rows: 200_000,
+                context_secs: 3,
             }
         }
     }
@@ -318,6 +347,7 @@ async fn run_on(
             Scenario::Import => scenarios::import::run(&ctx).await,
             Scenario::Rollup => scenarios::rollup::run(&ctx).await,
             Scenario::Scale => scenarios::scale::run(&ctx).await,
+            Scenario::Context => scenarios::context::run(&ctx).await,
         }
         .with_context(|| format!("scenario `{}` failed", scenario.name()))?;
         for r in &outcome.rows {

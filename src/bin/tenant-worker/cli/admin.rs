@@ -18,7 +18,10 @@ pub async fn setup(settings: &Settings) -> Result<()> {
     let urls = resolve(settings).await?;
     // On the local default, resolving ran setup already when the cluster was new; running
     // it again is cheap and repairs what changed since.
-    db::setup(settings, &urls).await.context("setup failed")?;
+    let repaired = db::setup(settings, &urls).await.context("setup failed")?;
+    for check in &repaired {
+        println!("repaired: {check}");
+    }
     println!("setup complete: roles, migrations and grants are in place");
     Ok(())
 }
