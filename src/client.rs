@@ -230,6 +230,10 @@ pub fn keyring(settings: &Settings, dev_keys: Option<PathBuf>) -> Result<Keyring
         if created {
             tracing::info!(dir = %dir.display(), key_id = DEV_KEY_ID, "created a development signing key pair");
         }
+        tracing::info!(
+            key_id = DEV_KEY_ID,
+            "trusting the development key: no [keys.verifying] is configured"
+        );
         ring.insert(KeyId::parse(DEV_KEY_ID)?, Keyring::load_public(&public)?);
     }
     if ring.is_empty() {

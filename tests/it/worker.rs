@@ -1502,3 +1502,31 @@ async fn a_jobs_attempts_are_fixed_at_enqueue_whatever_the_workers_setting() {
         assert!(w[1].2 > w[0].2, "{runs:?}");
     }
 }
+
+#[test]
+fn the_development_key_is_trusted_only_when_no_verifying_key_is_configured() {
+    // On the local default the dev key used to be trusted whatever the config listed, so a
+    // key-rotation rehearsal there said "runs" for a job the real deployment would reject.
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev-keys");
+    let mut settings = config::Settings::default();
+    let dev_signer = client::signer(&settings, Some(dev.clone())).unwrap();
+    let job = unsigned(TenantId(Uuid::new_v4()), "noop", json!({}));
+    let payload = serde_json::to_vec(&dev_signer.sign(&job)).unwrap();
+    let limit = settings.worker.max_payload_bytes;
+
+    // Nothing configured: the dev key is the keyring.
+    let ring = client::keyring(&settings, Some(dev.clone())).unwrap();
+    assert_eq!(ring.len(), 1);
+    ring.verify(&payload, limit, Some(job.job_id), unix_now())
+        .expect("the dev key's job verifies when it is the only key");
+
+    // Another key configured: exactly that key, and the dev key's job is rejected.
+    helpers::add_key(&mut settings, dir.path(), "prod");
+    let ring = client::keyring(&settings, Some(dev)).unwrap();
+    assert_eq!(ring.len(), 1);
+    let err = ring
+        .verify(&payload, limit, Some(job.job_id), unix_now())
+        .expect_err("the dev key is not trusted beside a configured keyring");
+    assert!(err.to_string().contains("dev"), "{err}");
+}
