@@ -49,6 +49,13 @@ pub enum Error {
     /// The worker has no kinds to run.
     #[error("the worker has no job kinds registered: register some (or the built-ins) first")]
     NoKinds,
+    /// The queue pool is too small to run the worker.
+    #[error(
+        "the queue pool allows {0} connections; the worker needs at least {min} (one is held \
+         for LISTEN while others fetch and write outcomes)",
+        min = crate::config::MIN_CONNECTIONS
+    )]
+    PoolTooSmall(u32),
 }
 
 /// Result alias for this module.
@@ -143,21 +150,31 @@ impl WorkerBuilder {
         if self.registry.is_empty() {
             return Err(Error::NoKinds);
         }
+        let max = self.queue_pool.options().get_max_connections();
+        if max < crate::config::MIN_CONNECTIONS {
+            return Err(Error::PoolTooSmall(max));
+        }
+        // The worker's bookkeeping (outcomes, progress, the idle check, releasing jobs) runs on
+        // a pool of its own with the given pool's settings, never on connections the
+        // application also uses: a BEGIN the application cancels mid-flight can leave one of
+        // its connections inside a transaction (see `generation_pool`), where an outcome
+        // would never commit and the idle check would see a frozen `now()`.
+        let queue_pool = generation_pool(&self.queue_pool);
         let settings = Arc::new(self.settings);
         let exec = Executor {
             scope: self.scope,
             keyring: self.keyring,
             registry: Arc::new(self.registry),
             stats: Stats::default(),
-            progress: Arc::new(ProgressWriter::new(self.queue_pool.clone())),
+            progress: Arc::new(ProgressWriter::new(queue_pool.clone())),
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
             settings: settings.clone(),
         };
         Ok(Worker {
             state: WorkerState {
-                acker: Arc::new(Acker::new(self.queue_pool.clone())),
-                queue_pool: self.queue_pool,
+                acker: Arc::new(Acker::new(queue_pool.clone())),
+                queue_pool,
                 slots: Arc::new(tokio::sync::Semaphore::new(
                     settings.worker.concurrency.max(1),
                 )),

@@ -1530,3 +1530,80 @@ fn the_development_key_is_trusted_only_when_no_verifying_key_is_configured() {
         .expect_err("the dev key is not trusted beside a configured keyring");
     assert!(err.to_string().contains("dev"), "{err}");
 }
+
+/// Leaves one of `pool`'s connections inside a transaction that sqlx does not know about: a
+/// BEGIN whose future is dropped after it was sent (sqlx#4385, still in sqlx 0.9). Returns
+/// when the pool's next query provably runs inside it (`now()` frozen).
+async fn poison_with_a_cancelled_begin(pool: &PgPool) {
+    use sqlx::Connection as _;
+    for _ in 0..50 {
+        let mut conn = pool.acquire().await.unwrap();
+        {
+            let begin = conn.begin();
+            tokio::pin!(begin);
+            // One poll sends the BEGIN; dropping the future then forgets it was sent.
+            let _ = futures::poll!(begin.as_mut());
+        }
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let frozen: bool = sqlx::query_scalar("select now() <> statement_timestamp()")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if frozen {
+            return;
+        }
+    }
+    panic!("could not reproduce a connection left inside a transaction");
+}
+
+#[tokio::test]
+async fn a_cancelled_begin_on_the_applications_queue_pool_does_not_stall_the_worker() {
+    // `run --until-idle` once stopped after 0.3 s without fetching its job: a queue connection
+    // left inside a transaction by a cancelled BEGIN saw a frozen `now()`, so the idle check
+    // found nothing runnable (and what it wrote never committed).
+    let db = TestDb::new().await;
+    let tenant = db.tenant("A").await;
+    let app_queue_pool = tenant_worker::db::pool(
+        "queue",
+        &db.urls.queue,
+        config::MIN_CONNECTIONS,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    poison_with_a_cancelled_begin(&app_queue_pool).await;
+    let worker = Worker::builder(
+        db.scope().await,
+        app_queue_pool.clone(),
+        db.keyring(),
+        &db.settings,
+    )
+    .registry(&db.kinds(Catalog::new()))
+    .build()
+    .unwrap();
+    // Enqueued after the poisoned transaction began: its `now()` is older than their run_at.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut jobs = Vec::new();
+    for _ in 0..5 {
+        jobs.push(db.enqueue(tenant, "noop", json!({})).await);
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(60), worker.run_until_idle())
+        .await
+        .expect("the worker stops")
+        .unwrap();
+    assert_eq!(summary.done, 5, "{summary:?}");
+    // Recorded as done for everyone, not only inside the poisoned transaction.
+    let done: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs where id = any($1) and status = 'Done'",
+    )
+    .bind(
+        jobs.iter()
+            .map(|j| j.to_ulid().to_string())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(&db.admin().await)
+    .await
+    .unwrap();
+    assert_eq!(done, 5);
+}

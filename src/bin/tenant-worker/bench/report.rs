@@ -128,7 +128,7 @@ pub(crate) fn value(v: Option<f64>, unit: &str) -> String {
         return "-".into();
     };
     match unit {
-        "jobs/s" | "rows/s" => format!("{} {unit}", thousands(v.round() as i64)),
+        "jobs/s" | "rows/s" | "tx/s" => format!("{} {unit}", thousands(v.round() as i64)),
         "ms" if v < 10.0 => format!("{v:.2} ms"),
         "ms" => format!("{v:.1} ms"),
         "s" if v < 1.0 => format!("{:.0} ms", v * 1000.0),

@@ -126,7 +126,7 @@ async fn measure(ctx: &Ctx, tenant: TenantId, table_rows: i64) -> Result<Outcome
         sz.context_secs
     );
     let minimal = compare(ctx, tenant, Work::Minimal, k, secs).await?;
-    eprintln!("bench: context: {n}-row scoped queries ...");
+    eprintln!("bench: context: {}-row scoped queries ...", thousands(n));
     let query = compare(ctx, tenant, Work::Query, k, secs).await?;
 
     let mut min_row = Row::new(Scenario::Context, "minimal scoped transaction", "tx/s");
