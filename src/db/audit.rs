@@ -399,16 +399,16 @@ async fn context_checks(
         }
     }
 
-    // Every SECURITY DEFINER function outside the system schemas pins its search_path, so
-    // nothing the caller creates can stand in for what it uses.
+    // Every SECURITY DEFINER function outside the system schemas pins its search_path (the
+    // caller's, or `$user` first, would let objects the caller creates stand in for what it
+    // uses; the check that no worker role may create in any schema covers the schemas named).
     let unpinned: Vec<String> = sqlx::query_scalar(
         r#"select p.oid::regprocedure::text from pg_proc p
            join pg_namespace n on n.oid = p.pronamespace
            where p.prosecdef and n.nspname not in ('pg_catalog', 'information_schema')
              and not exists (
                  select 1 from unnest(coalesce(p.proconfig, '{}')) c
-                 where c like 'search_path=%'
-                   and not (c ~ '(^search_path=|, *)(public|"\$user"|\$user)( *,|$)'))
+                 where c like 'search_path=%' and c not like '%$user%')
            order by 1"#,
     )
     .fetch_all(admin)
@@ -418,7 +418,7 @@ async fn context_checks(
         checks.push(Check::pass(PINNED, "search_path = pg_catalog, pg_temp"));
     }
     for f in unpinned {
-        checks.push(Check::repairable(
+        checks.push(Check::fail(
             PINNED,
             format!("{f} runs as its owner with a search_path the caller can influence"),
             format!("alter function {f} set search_path = pg_catalog, pg_temp"),

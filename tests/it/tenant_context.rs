@@ -52,7 +52,7 @@ async fn sql_that_forges_the_context_inside_a_scoped_transaction_sees_nothing_of
     );
     tx.rollback().await.unwrap();
 
-    let forged_mac = format!("v1.{}.{b}.9999999999.1.{}", key.id(), "0".repeat(64));
+    let forged_mac = format!("v1.{}.{b}.9999999999.1-1.{}", key.id(), "0".repeat(64));
     let attacks: Vec<(&str, String)> = vec![
         (
             "set_config",
@@ -123,11 +123,11 @@ async fn sql_that_forges_the_context_inside_a_scoped_transaction_sees_nothing_of
 
     // A correctly sealed context for this very transaction, but expired.
     let mut tx = scope.begin(a).await.unwrap();
-    let xid: String = sqlx::query_scalar("select pg_current_xact_id()::text")
+    let binding: String = sqlx::query_scalar(tenant_worker::scope::BINDING)
         .fetch_one(tx.conn().await.unwrap())
         .await
         .unwrap();
-    let expired = key.seal(a, chrono::Utc::now().timestamp() - 1, &xid);
+    let expired = key.seal(a, chrono::Utc::now().timestamp() - 1, &binding);
     sqlx::query("select set_config('app.tenant_ctx', $1, true)")
         .bind(expired)
         .execute(tx.conn().await.unwrap())

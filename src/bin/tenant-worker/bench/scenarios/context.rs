@@ -161,7 +161,7 @@ async fn measure(ctx: &Ctx, tenant: TenantId, table_rows: i64) -> Result<Outcome
             "minimal_transaction": minimal.details,
             "scoped_query": query.details,
             "ours": {
-                "measure": "Scope::begin (BEGIN and the transaction id, then the sealed context), the statement, commit (the context check, then COMMIT)",
+                "measure": "Scope::begin (BEGIN and the transaction binding, then the sealed context), the statement, commit (the context check and COMMIT in one message)",
                 "index_scan": ours_plan.index_scan,
                 "query_execution_ms": ours_plan.execution_ms,
                 "explain_analyze": ours_plan.lines,
