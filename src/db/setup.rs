@@ -276,24 +276,11 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
     revoke_dynamic_sql(admin).await
 }
 
-/// The functions that run SQL given as text (so SQL can hide a statement in a string, where
-/// no check of the statement sees it): what `revoke_dynamic_sql` takes from PUBLIC and
-/// `audit` checks the app role cannot execute. The verified tenant context is what keeps
-/// tenants apart even so; this is defence in depth.
-pub(crate) const DYNAMIC_SQL_FUNCTIONS: &str = "
-    select p.oid::regprocedure::text
-    from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-    where (n.nspname = 'pg_catalog'
-           and p.proname in ('query_to_xml', 'query_to_xml_and_xmlschema', 'query_to_xmlschema',
-                             'cursor_to_xml', 'cursor_to_xmlschema', 'ts_stat'))
-       or p.proname like 'dblink%'
-    order by 1";
-
-/// Revokes EXECUTE on [`DYNAMIC_SQL_FUNCTIONS`] from PUBLIC in this database (function
+/// Revokes EXECUTE on [`super::audit::DYNAMIC_SQL_FUNCTIONS`] from PUBLIC in this database (function
 /// privileges are per database). Needs a superuser (they belong to the bootstrap superuser);
 /// without one it warns, and `audit` reports what is left.
 async fn revoke_dynamic_sql(admin: &PgPool) -> Result<()> {
-    let functions: Vec<String> = sqlx::query_scalar(DYNAMIC_SQL_FUNCTIONS)
+    let functions: Vec<String> = sqlx::query_scalar(super::audit::DYNAMIC_SQL_FUNCTIONS)
         .fetch_all(admin)
         .await?;
     for f in functions {

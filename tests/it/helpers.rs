@@ -566,3 +566,13 @@ pub async fn record_queue_history(admin: &PgPool) {
     .await
     .unwrap();
 }
+
+/// The repository's `jobs/` folder.
+pub fn shipped_jobs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("jobs")
+}
+
+/// The declared jobs shipped in `jobs/`.
+pub fn shipped_catalog() -> Catalog {
+    Catalog::load(&shipped_jobs_dir(), true).expect("the shipped declared jobs load")
+}

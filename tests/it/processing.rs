@@ -22,19 +22,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{self, TestDb, stderr, stdout};
-use crate::helpers::{insert_signed, job_info, run_worker};
+use crate::helpers::{insert_signed, job_info, run_worker, shipped_catalog, shipped_jobs_dir};
 
 // ------------------------------------------------------------------------------------------
 // Harness
 // ------------------------------------------------------------------------------------------
-
-fn shipped_jobs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs")
-}
-
-fn shipped_catalog() -> Catalog {
-    Catalog::load(&shipped_jobs_dir(), true).expect("the shipped declared jobs load")
-}
 
 /// A test database whose import inboxes live under a private temporary folder (kept alive by
 /// the caller).

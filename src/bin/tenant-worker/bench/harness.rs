@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, bail, ensure};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
 use sqlx::PgPool;
 use tenant_worker::db::{self, DbUrls};
 use tenant_worker::envelope::keys;
@@ -21,7 +20,7 @@ use tenant_worker::{
 use tokio_util::sync::CancellationToken;
 
 use super::Sizes;
-use super::measure::{keep_log, run_measured};
+use super::measure::{ChildRun, keep_log, run_measured};
 use super::target::Target;
 
 // ---------------------------------------------------------------------------------------------
@@ -64,19 +63,6 @@ impl JobTimes {
             _ => bail!("the job has neither finished_at nor done_at"),
         }
     }
-}
-
-/// A finished child process.
-#[derive(Debug, Serialize)]
-pub(crate) struct ChildRun {
-    pub(crate) wall_secs: f64,
-    pub(crate) peak_rss_kib: u64,
-    pub(crate) rss_method: String,
-    pub(crate) sampled_vm_hwm_kib: u64,
-    pub(crate) rusage_children_maxrss_before_kib: u64,
-    pub(crate) rusage_children_maxrss_after_kib: u64,
-    #[serde(skip)]
-    pub(crate) output: String,
 }
 
 impl Ctx {

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use serde::Serialize;
+
 use super::CHILD_TIMEOUT;
-use super::harness::ChildRun;
 use super::report::tail;
 
 // ---------------------------------------------------------------------------------------------
@@ -28,6 +29,19 @@ pub(crate) fn children_maxrss_kib() -> u64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .map(|u| u.max_rss().max(0) as u64)
         .unwrap_or(0)
+}
+
+/// A finished child process.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChildRun {
+    pub(crate) wall_secs: f64,
+    pub(crate) peak_rss_kib: u64,
+    pub(crate) rss_method: String,
+    pub(crate) sampled_vm_hwm_kib: u64,
+    pub(crate) rusage_children_maxrss_before_kib: u64,
+    pub(crate) rusage_children_maxrss_after_kib: u64,
+    #[serde(skip)]
+    pub(crate) output: String,
 }
 
 /// Runs `cmd` to completion with output to `log`, measuring its peak RSS (see the module docs).

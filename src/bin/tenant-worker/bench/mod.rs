@@ -41,7 +41,8 @@
 //!   [`LATENCY_WARMUP`] are run but not counted: they pay for new connections and cold caches,
 //!   which at 200 jobs/s were most of the slowest 1% (the steady state is what is measured).
 //! - **export**: one tenant's `v_property` to CSV. Baseline: `psql` as the app role, in a
-//!   transaction that first sets the tenant, running `\copy (select * from public.v_property)
+//!   transaction that first sets the tenant and its sealed context (from `bench_seal`, a
+//!   function made for this scenario only, since psql cannot compute the seal), running `\copy (select * from public.v_property)
 //!   to FILE with (format csv, header true)`; its time is psql's own `\timing` of the `\copy`
 //!   (no process start-up). Ours: the real binary as a child process (`run --until-idle`),
 //!   timed from the run record's `started_at` to the manifest's `finished_at` (no start-up,
@@ -69,8 +70,8 @@
 //!   replaced (`tenant_id = current_tenant_id()` alone). A 1,000-row tenant among other
 //!   tenants' rows; the baseline table `bench_trusting` is a copy of `records` (`like ...
 //!   including all`, so the same indexes) owned by the owner role, with forced RLS and the
-//!   trusting policies, dropped at the end. Ours: `Scope::begin` (the sealed context, checked
-//!   again at commit), then `select 1` (a minimal scoped transaction), or the tenant's
+//!   trusting policies, dropped at the end. Ours: `Scope::begin` (the binding, then the sealed
+//!   context), then `select 1` (a minimal scoped transaction), or the tenant's
 //!   `count(*), sum(units)` of its properties, then commit. Baseline: a plain transaction on
 //!   the same app pool that only runs `set_config('app.tenant_id', ..)`, then the same
 //!   statement (on `bench_trusting`). Transactions per second with `worker.concurrency`

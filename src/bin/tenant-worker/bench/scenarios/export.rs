@@ -9,7 +9,8 @@ use serde_json::json;
 use tenant_worker::TenantId;
 
 use crate::bench::data::Mix;
-use crate::bench::harness::{ChildRun, Ctx};
+use crate::bench::harness::Ctx;
+use crate::bench::measure::ChildRun;
 use crate::bench::measure::*;
 use crate::bench::report::*;
 use crate::bench::{Outcome, Scenario};
@@ -112,8 +113,45 @@ pub(crate) async fn run(ctx: &Ctx) -> Result<Outcome> {
     })
 }
 
-/// psql's `\copy` of `v_property` for `tenant` as the app role.
+/// A function, for the baseline's psql only, that seals a tenant context for the transaction
+/// it runs in, as the worker does: psql cannot compute the HMAC itself. Owned by the owner
+/// (it reads the key) and executable by the app role, in the benchmark's throwaway database
+/// only, and dropped when the scenario ends.
+const BENCH_SEAL: &str = r#"
+    create or replace function public.bench_seal(p_tenant uuid) returns text
+        language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+    declare
+        k record;
+        t text;
+    begin
+        select c.id, c.key into k from public.tenant_context_keys c
+         where c.valid_until is null order by c.id desc limit 1;
+        t := 'v1.' || k.id || '.' || p_tenant::text || '.'
+             || (extract(epoch from now())::bigint + 3600) || '.'
+             || public.tenant_context_binding();
+        return t || '.' || encode(public.hmac(convert_to(t, 'UTF8'), k.key, 'sha256'), 'hex');
+    end $$;
+    revoke all on function public.bench_seal(uuid) from public"#;
+
+/// psql's `\copy` of `v_property` for `tenant` as the app role, in a sealed context.
 async fn psql_copy(ctx: &Ctx, tenant: TenantId, file: &Path) -> Result<PsqlRun> {
+    let roles = &ctx.settings.roles;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"{BENCH_SEAL};
+           alter function public.bench_seal(uuid) owner to "{}";
+           grant execute on function public.bench_seal(uuid) to "{}""#,
+        roles.owner, roles.app
+    )))
+    .execute(&ctx.admin)
+    .await?;
+    let run = psql_copy_sealed(ctx, tenant, file).await;
+    sqlx::raw_sql("drop function public.bench_seal(uuid)")
+        .execute(&ctx.admin)
+        .await?;
+    run
+}
+
+async fn psql_copy_sealed(ctx: &Ctx, tenant: TenantId, file: &Path) -> Result<PsqlRun> {
     let psql = find_psql().context(
         "psql not found (on PATH or next to the PostgreSQL server binaries): \
          the export baseline needs it",
@@ -132,8 +170,9 @@ async fn psql_copy(ctx: &Ctx, tenant: TenantId, file: &Path) -> Result<PsqlRun> 
         .args(["-c", "\\timing on", "-c", "begin"])
         .arg("-c")
         .arg(format!(
-            "select set_config('app.tenant_id', '{}', true)",
-            tenant.0.hyphenated()
+            "select set_config('app.tenant_id', '{t}', true), \
+                    set_config('app.tenant_ctx', public.bench_seal('{t}'), true)",
+            t = tenant.0.hyphenated()
         ))
         .arg("-c")
         .arg(format!(
