@@ -536,18 +536,30 @@ impl ScopedTx {
         Ok(())
     }
 
-    /// Closes the connection instead of returning it to the pool when a tenant setting
-    /// outlived the transaction: job SQL can set one session-wide (`set_config(.., false)`),
-    /// and the next user of the connection must not find it.
+    /// Closes the connection instead of returning it to the pool when a tenant setting or a
+    /// temporary object outlived the transaction. Job SQL can set a tenant setting
+    /// session-wide (`set_config(.., false)`), and the next user of the connection must not
+    /// find it. A temporary table is worse: it comes first in name resolution, so a table
+    /// `pg_temp.records` left by one tenant's job would receive the next tenant's unqualified
+    /// `insert into records` on that connection, for the first tenant to read later.
     fn close_if_leftover(&mut self, row: Option<&PgRow>) {
-        let leftover: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 0).ok());
-        if leftover != Some(false) {
+        let setting: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 0).ok());
+        let temp: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 1).ok());
+        if setting != Some(false) {
             tracing::warn!("a tenant setting outlived its transaction; closing the connection");
+            self.conn.close_on_drop();
+        } else if temp != Some(false) {
+            // Imports and rollups use temporary tables: expected, and a reconnect is cheap
+            // beside them.
+            tracing::debug!("the session has temporary objects; closing the connection");
             self.conn.close_on_drop();
         }
     }
 }
 
-/// Sent after a scoped transaction ends: true when a tenant setting outlived it.
+/// Sent after a scoped transaction ends: whether a tenant setting outlived it, and whether the
+/// session has a schema of temporary objects (made on the first temporary object, it stays
+/// for the session: a cheap test, with no catalog scan).
 const LEFTOVER: &str = "select coalesce(current_setting('app.tenant_id', true), '') <> ''
-        or coalesce(current_setting('app.tenant_ctx', true), '') <> ''";
+        or coalesce(current_setting('app.tenant_ctx', true), '') <> '',
+        pg_catalog.pg_my_temp_schema() <> 0::oid";

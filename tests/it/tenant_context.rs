@@ -507,3 +507,49 @@ async fn a_rotated_context_key_keeps_verifying_for_its_grace_then_stops() {
     );
     assert_eq!(db.context_key().await.id(), new);
 }
+
+#[tokio::test]
+async fn a_temporary_table_left_by_one_tenant_never_receives_the_next_tenants_rows() {
+    // A temporary table comes first in name resolution: `pg_temp.records`, left on a pooled
+    // connection by A's SQL, would take B's unqualified `insert into records` for A to read.
+    let db = TestDb::new().await;
+    let (a, b) = (db.tenant("A").await, db.tenant("B").await);
+    let one = db.scope_of(pool_of_one(&db).await).await;
+    let mut tx = one.begin(a).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    sqlx::raw_sql("create temp table records (like public.records including defaults)")
+        .execute(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = one.begin(b).await.unwrap();
+    let (next_pid, shadow): (i32, Option<String>) =
+        sqlx::query_as("select pg_backend_pid(), to_regclass('pg_temp.records')::text")
+            .fetch_one(tx.conn().await.unwrap())
+            .await
+            .unwrap();
+    assert_ne!(
+        next_pid, pid,
+        "the connection with A's temporary table was closed"
+    );
+    assert_eq!(shadow, None, "no temporary `records` in B's session");
+    sqlx::query(
+        "insert into records (tenant_id, kind, data) values ($1, 'property', '{\"name\": \"B\"}')",
+    )
+    .bind(b)
+    .execute(tx.conn().await.unwrap())
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let in_table: i64 =
+        sqlx::query_scalar("select count(*) from public.records where tenant_id = $1")
+            .bind(b)
+            .fetch_one(&db.admin().await)
+            .await
+            .unwrap();
+    assert_eq!(in_table, 1, "B's row went to the real table");
+}
