@@ -536,30 +536,33 @@ impl ScopedTx {
         Ok(())
     }
 
-    /// Closes the connection instead of returning it to the pool when a tenant setting or a
-    /// temporary object outlived the transaction. Job SQL can set a tenant setting
-    /// session-wide (`set_config(.., false)`), and the next user of the connection must not
-    /// find it. A temporary table is worse: it comes first in name resolution, so a table
-    /// `pg_temp.records` left by one tenant's job would receive the next tenant's unqualified
-    /// `insert into records` on that connection, for the first tenant to read later.
+    /// Closes the connection instead of returning it to the pool when the session carries
+    /// something one tenant's SQL could use against the next tenant's on that connection.
+    /// Session-level settings are reset at the end of every scoped transaction (`RESET ALL`
+    /// in [`LEFTOVER`]): job SQL can set any of them session-wide (`set_config(.., false)`), a
+    /// tenant's or its own. What a reset cannot undo closes the connection:
+    /// - a temporary object: a temporary table comes first in name resolution, so a table
+    ///   `pg_temp.records` left by one tenant's job would receive the next tenant's unqualified
+    ///   `insert into records` on that connection, for the first tenant to read later;
+    /// - a statement prepared with SQL `PREPARE`: it could take the name of one sqlx prepared
+    ///   for its own cached queries, and run in the next tenant's transaction in its place.
     fn close_if_leftover(&mut self, row: Option<&PgRow>) {
-        let setting: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 0).ok());
-        let temp: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 1).ok());
-        if setting != Some(false) {
-            tracing::warn!("a tenant setting outlived its transaction; closing the connection");
-            self.conn.close_on_drop();
-        } else if temp != Some(false) {
+        let unsafe_session: Option<bool> = row.and_then(|r| sqlx::Row::try_get(r, 0).ok());
+        if unsafe_session != Some(false) {
             // Imports and rollups use temporary tables: expected, and a reconnect is cheap
             // beside them.
-            tracing::debug!("the session has temporary objects; closing the connection");
+            tracing::debug!(
+                "the session has temporary objects or SQL-prepared statements; closing the connection"
+            );
             self.conn.close_on_drop();
         }
     }
 }
 
-/// Sent after a scoped transaction ends: whether a tenant setting outlived it, and whether the
-/// session has a schema of temporary objects (made on the first temporary object, it stays
-/// for the session: a cheap test, with no catalog scan).
-const LEFTOVER: &str = "select coalesce(current_setting('app.tenant_id', true), '') <> ''
-        or coalesce(current_setting('app.tenant_ctx', true), '') <> '',
-        pg_catalog.pg_my_temp_schema() <> 0::oid";
+/// Sent after a scoped transaction ends: resets every session-level setting (to the values
+/// the session started with), then asks whether the session has a schema of temporary objects
+/// (made on the first temporary object, it stays for the session: a cheap test, with no
+/// catalog scan) or statements prepared with SQL `PREPARE`.
+const LEFTOVER: &str = "reset all;
+    select pg_catalog.pg_my_temp_schema() <> 0::oid
+        or exists (select 1 from pg_catalog.pg_prepared_statements where from_sql)";

@@ -165,22 +165,19 @@ async fn sql_that_forges_the_context_inside_a_scoped_transaction_sees_nothing_of
 }
 
 #[tokio::test]
-async fn a_tenant_setting_left_on_the_session_closes_the_connection() {
+async fn a_setting_left_on_the_session_is_reset_and_a_prepared_statement_closes_the_connection() {
     let db = TestDb::new().await;
     let (a, b) = (db.tenant("A").await, db.tenant("B").await);
     let one = db.scope_of(pool_of_one(&db).await).await;
     let mut tx = one.begin(a).await.unwrap();
-    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
-        .fetch_one(tx.conn().await.unwrap())
-        .await
-        .unwrap();
-    sqlx::query("select set_config('app.tenant_id', $1, false)")
+    // Session-wide: B as the tenant, and a custom setting of the job's own (a place to leave
+    // data for its next run on this connection).
+    sqlx::query("select set_config('app.tenant_id', $1, false), set_config('x.loot', 'A', false)")
         .bind(b.to_string())
         .execute(tx.conn().await.unwrap())
         .await
         .unwrap();
-    // Set A back transaction-locally: the commit-time check sees A, and after COMMIT the
-    // session value (B) is what would remain.
+    // Set A back transaction-locally: after COMMIT the session values would remain.
     sqlx::query("select set_config('app.tenant_id', $1, true)")
         .bind(a.to_string())
         .execute(tx.conn().await.unwrap())
@@ -188,17 +185,44 @@ async fn a_tenant_setting_left_on_the_session_closes_the_connection() {
         .unwrap();
     tx.commit().await.unwrap();
     let mut conn = one.pool().acquire().await.unwrap();
-    let (next_pid, setting): (i32, Option<String>) =
-        sqlx::query_as("select pg_backend_pid(), current_setting('app.tenant_id', true)")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_ne!(next_pid, pid, "the connection was closed, not returned");
+    let (tenant, loot): (Option<String>, Option<String>) = sqlx::query_as(
+        "select current_setting('app.tenant_id', true), current_setting('x.loot', true)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
     assert_eq!(
-        setting.as_deref().unwrap_or(""),
+        tenant.as_deref().unwrap_or(""),
         "",
-        "no tenant on the next session"
+        "no tenant on the session"
     );
+    assert_eq!(
+        loot.as_deref().unwrap_or(""),
+        "",
+        "no setting of the job's left"
+    );
+    drop(conn);
+
+    // A statement prepared with SQL (it could stand in for one of sqlx's by name).
+    let mut tx = one.begin(a).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    sqlx::raw_sql("prepare sneaky as select count(*) from records")
+        .execute(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = one.pool().acquire().await.unwrap();
+    let (next_pid, prepared): (i32, i64) = sqlx::query_as(
+        "select pg_backend_pid(), (select count(*) from pg_prepared_statements where from_sql)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_ne!(next_pid, pid, "the connection was closed, not returned");
+    assert_eq!(prepared, 0);
 }
 
 /// What the hostile jobs saw of B, by attack.
