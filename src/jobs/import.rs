@@ -78,12 +78,23 @@ pub struct ImportArgs {
     /// Inline records instead of a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<Vec<serde_json::Value>>,
-    /// jsonl (default) or csv.
-    #[serde(default)]
-    pub format: ImportFormat,
+    /// jsonl or csv; when absent, csv for a file named `*.csv`, else jsonl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImportFormat>,
     /// all-or-nothing (default) or skip-invalid.
     #[serde(default)]
     pub mode: Mode,
+}
+
+impl ImportArgs {
+    /// The format the file is read in: the one given, else inferred from the file's name
+    /// (`*.csv` is CSV; anything else, and inline records, JSONL).
+    pub fn effective_format(&self) -> ImportFormat {
+        self.format.unwrap_or_else(|| match &self.file {
+            Some(f) if f.to_ascii_lowercase().ends_with(".csv") => ImportFormat::Csv,
+            _ => ImportFormat::Jsonl,
+        })
+    }
 }
 
 /// One record of an import file.
@@ -171,7 +182,7 @@ impl TenantJob for Import {
         let producer = match (&args.file, &args.records) {
             (Some(file), _) => {
                 let path = resolve_in_inbox(&self.dir, tenant, file)?;
-                let format = args.format;
+                let format = args.effective_format();
                 tokio::task::spawn_blocking(move || read_file(&path, format, tenant, &sender))
             }
             (None, Some(records)) => {
@@ -687,4 +698,20 @@ async fn write_rows(tx: &mut ScopedTx) -> Result<(u64, u64), JobError> {
         updated += u as u64;
     }
     Ok((inserted, updated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_csv_file_is_read_as_csv_unless_the_format_says_otherwise() {
+        let args = |json: serde_json::Value| serde_json::from_value::<ImportArgs>(json).unwrap();
+        let csv = args(serde_json::json!({"file": "batch.CSV"}));
+        assert_eq!(csv.effective_format(), ImportFormat::Csv);
+        let jsonl = args(serde_json::json!({"file": "batch.jsonl"}));
+        assert_eq!(jsonl.effective_format(), ImportFormat::Jsonl);
+        let given = args(serde_json::json!({"file": "batch.csv", "format": "jsonl"}));
+        assert_eq!(given.effective_format(), ImportFormat::Jsonl);
+    }
 }

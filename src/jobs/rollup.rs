@@ -23,6 +23,20 @@ use crate::scope::ScopedTx;
 /// Built-in rollup names.
 pub const BUILTINS: &[&str] = &["records_per_kind_per_day", "invoices_per_month"];
 
+/// Every rollup there is: the built-in ones, then those declared in `catalog`.
+pub fn known(catalog: &Catalog) -> Vec<String> {
+    BUILTINS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            catalog
+                .iter()
+                .filter(|d| d.kind == DeclaredKind::Rollup)
+                .map(|d| d.name.clone()),
+        )
+        .collect()
+}
+
 /// The `rollup` kind: the built-in rollups and the declared ones of a [`Catalog`].
 #[derive(Debug, Clone)]
 pub struct Rollup {
@@ -40,7 +54,7 @@ impl Rollup {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollupArgs {
-    /// One rollup (built-in or declared); default: all built-ins.
+    /// One rollup (built-in or declared); default: every one, built-in and declared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Recompute everything instead of the changed buckets.
@@ -111,7 +125,7 @@ impl TenantJob for Rollup {
     ) -> Result<serde_json::Value, JobError> {
         let names: Vec<String> = match &args.name {
             Some(n) => vec![n.clone()],
-            None => BUILTINS.iter().map(|s| s.to_string()).collect(),
+            None => known(&self.catalog),
         };
         let mut results = serde_json::Map::new();
         for name in names {

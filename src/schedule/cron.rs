@@ -46,10 +46,18 @@ pub fn parse_cron(expr: &str) -> Result<cron::Schedule, Error> {
             });
         }
     };
-    cron::Schedule::from_str(&full).map_err(|e| Error::Cron {
+    let schedule = cron::Schedule::from_str(&full).map_err(|e| Error::Cron {
         expr: expr.chars().take(100).collect(),
         reason: e.to_string(),
-    })
+    })?;
+    // A valid expression can still name no date (`0 0 30 2 *`: February the 30th).
+    if schedule.upcoming(chrono::Utc).next().is_none() {
+        return Err(Error::Cron {
+            expr: expr.chars().take(100).collect(),
+            reason: "it never fires (no date matches all its fields)".into(),
+        });
+    }
+    Ok(schedule)
 }
 
 /// Translates a weekday field from standard cron numbering (0 or 7 = Sunday, 1 = Monday, ...,
@@ -110,4 +118,17 @@ pub fn latest_fire_before(
         .after(&now.with_timezone(&tz))
         .next_back()
         .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cron_that_never_fires_is_refused() {
+        let err = parse_cron("0 0 30 2 *").unwrap_err().to_string();
+        assert!(err.contains("never fires"), "{err}");
+        assert!(parse_cron("0 0 29 2 *").is_ok(), "leap days exist");
+        assert!(parse_cron("*/5 * * * *").is_ok());
+    }
 }

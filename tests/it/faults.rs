@@ -1854,9 +1854,14 @@ async fn hostile_command_line_arguments_are_refused_with_a_clear_error_and_chang
     assert!(out.status.success(), "{}", stderr(&out));
     let out = rig.cli(&["tenant", "list"]);
     assert!(stdout(&out).contains(evil), "{}", stdout(&out));
+    // A name that is no rollup is refused (it used to print "no rollup rows" and exit 0).
     let out = rig.cli(&["rollups", "show", "--tenant", &t, "--name", SQLI]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("no rollup rows"), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("no rollup named `{SQLI}`")),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(record_count(&admin, a).await, 5);
 }
 

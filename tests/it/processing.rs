@@ -2344,6 +2344,8 @@ async fn the_cli_imports_rolls_up_processes_and_shows() {
     cli(&["run", "--until-idle"]);
     let result = done_result(&admin, &queue_pool, a, rollup_job).await;
     assert_eq!(result["records_per_kind_per_day"]["mode"], "full");
+    // With no name, a run covers the declared rollups too, and says so.
+    assert!(result.get("revenue_by_month").is_some(), "{result}");
     let result = done_result(&admin, &queue_pool, a, process).await;
     assert_eq!(result["rows_affected"], 1);
     let email: String = sqlx::query_scalar(
@@ -2357,10 +2359,16 @@ async fn the_cli_imports_rolls_up_processes_and_shows() {
     assert_eq!(snapshot(&admin, b).await, b_before, "B changed");
 
     let truth = builtin_truth(&admin, a).await;
-    assert_eq!(rollups_of(&admin, a, None).await, truth);
+    let stored = rollups_of(&admin, a, None).await;
+    let builtin: Vec<_> = stored
+        .iter()
+        .filter(|r| tenant_worker::jobs::rollup::BUILTINS.contains(&r.0.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(builtin, truth);
     let shown = cli(&["rollups", "show", "--tenant", &a_text]);
     let shown_lines: Vec<&str> = shown.lines().collect();
-    assert_eq!(shown_lines.len(), truth.len(), "{shown}");
+    assert_eq!(shown_lines.len(), stored.len(), "{shown}");
     for (name, bucket, dims, count, _) in &truth {
         let dims = serde_json::from_str::<Value>(dims).unwrap().to_string();
         assert!(
@@ -2387,6 +2395,26 @@ async fn the_cli_imports_rolls_up_processes_and_shows() {
     assert!(one.contains("sum 19.99"), "{one}");
     let b_shown = cli(&["rollups", "show", "--tenant", &b.to_string()]);
     assert!(b_shown.contains("no rollup rows"), "{b_shown}");
+    // An unknown name is an error naming the known ones; an empty one hints at its own run.
+    let out = helpers::cli_with_env(
+        &["rollups", "show", "--tenant", &a_text, "--name", "nope"],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no rollup named `nope`; known: records_per_kind_per_day"),
+        "{}",
+        stderr(&out)
+    );
+    let b_one = cli(&[
+        "rollups",
+        "show",
+        "--tenant",
+        &b.to_string(),
+        "--name",
+        "revenue_by_month",
+    ]);
+    assert!(b_one.contains("--name revenue_by_month`"), "{b_one}");
 
     // Refusals at enqueue, with the reason, and nothing queued.
     let queued_before: i64 = sqlx::query_scalar("select count(*) from apalis.jobs")

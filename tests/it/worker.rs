@@ -1607,3 +1607,30 @@ async fn a_cancelled_begin_on_the_applications_queue_pool_does_not_stall_the_wor
     .unwrap();
     assert_eq!(done, 5);
 }
+
+#[test]
+fn the_demo_reports_on_stdout_without_log_noise_or_colour() {
+    // Its log lines (coloured even into a pipe) used to interleave with its report.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(helpers::bin());
+    cmd.arg("demo")
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TENANT_WORKER__") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().unwrap();
+    let (report, logs) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{report}{logs}");
+    assert!(report.contains("demo passed"), "{report}");
+    assert!(!logs.contains('\u{1b}'), "no colour into a pipe: {logs}");
+    assert!(
+        !logs.contains(" INFO "),
+        "no info logs unless RUST_LOG asks: {logs}"
+    );
+    assert!(report.contains("tw_scheduler"), "{report}");
+    assert!(report.contains("Northwind (scheduled)"), "{report}");
+    assert!(report.contains("1 of them by a schedule"), "{report}");
+}

@@ -73,8 +73,8 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
 
     db::setup(&settings, &urls).await.context("setup failed")?;
     println!(
-        "set up roles ({}, {}, {}), forced RLS and the job queue",
-        settings.roles.owner, settings.roles.app, settings.roles.queue
+        "set up roles ({}, {}, {}, {}), forced RLS and the job queue",
+        settings.roles.owner, settings.roles.app, settings.roles.queue, settings.roles.scheduler
     );
 
     let admin = db::admin_pool(&settings, &urls).await?;
@@ -145,7 +145,7 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let scheduler = Scheduler::new(sched_pool.clone(), enqueuer.clone());
     for id in scheduler.tick(chrono::Utc::now()).await? {
-        jobs.push(("Northwind Properties", northwind, id));
+        jobs.push(("Northwind (scheduled)", northwind, id));
     }
     let victim = enqueuer
         .enqueue_job(
@@ -163,8 +163,12 @@ async fn demo(base: &Settings, cluster: &EphemeralCluster, started: Instant) -> 
     .execute(&admin)
     .await?;
     println!(
-        "enqueued {} signed jobs and 1 job whose tenant id was edited after signing",
-        jobs.len()
+        "enqueued {} signed jobs ({} of them by a schedule that fires every second) and 1 job \
+         whose tenant id was edited after signing",
+        jobs.len(),
+        jobs.iter()
+            .filter(|(name, _, _)| name.ends_with("(scheduled)"))
+            .count()
     );
 
     let keyring = client::keyring(&settings, None)?;

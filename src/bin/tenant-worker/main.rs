@@ -9,8 +9,13 @@ use tenant_worker::telemetry;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    telemetry::init();
     let args = cli::Cli::parse();
+    if matches!(args.command, cli::Command::Demo) {
+        // The demo's report is on stdout; its logs would interleave with it.
+        telemetry::init_with_default("warn");
+    } else {
+        telemetry::init();
+    }
     match cli::run(args).await {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(code) => std::process::ExitCode::from(code as u8),

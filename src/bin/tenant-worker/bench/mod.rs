@@ -277,7 +277,10 @@ pub async fn run(base: &Settings, opts: Options) -> Result<()> {
     let result = run_on(base, &target, sizes, &scenarios).await;
     let database = target.describe();
     target.close().await;
-    let (rows, details, server, worker_settings) = result?;
+    let (mut rows, details, server, worker_settings) = result?;
+    if opts.quick {
+        report::not_judged_at_quick_sizes(&mut rows);
+    }
     let table = render_table(&rows);
     println!();
     println!("{table}");

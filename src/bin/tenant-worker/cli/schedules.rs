@@ -57,11 +57,21 @@ pub async fn command(settings: &Settings, cmd: ScheduleCommand) -> Result<()> {
 pub async fn rollups(settings: &Settings, cmd: RollupsCommand) -> Result<()> {
     let RollupsCommand::Show { tenant, name } = cmd;
     let client = connect(settings).await?;
+    let known = jobs::rollup::known(client.catalog());
+    if let Some(n) = &name
+        && !known.contains(n)
+    {
+        anyhow::bail!("no rollup named `{n}`; known: {}", known.join(", "));
+    }
     let mut tx = client.scope().begin(tenant).await?;
     let rows = jobs::rollup::show(&mut tx, name.as_deref()).await?;
     tx.rollback().await?;
     if rows.is_empty() {
-        println!("no rollup rows: run `tenant-worker enqueue rollup --tenant {tenant}`");
+        let only = name
+            .as_deref()
+            .map(|n| format!(" --name {n}"))
+            .unwrap_or_default();
+        println!("no rollup rows: run `tenant-worker enqueue rollup --tenant {tenant}{only}`");
     }
     for r in rows {
         println!(
