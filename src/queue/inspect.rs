@@ -204,19 +204,37 @@ pub async fn list(
     state: Option<JobState>,
     limit: i64,
 ) -> Result<Vec<JobInfo>> {
+    list_of_kind(pool, queue, tenant, state, None, limit).await
+}
+
+/// [`list`], only jobs of `kind` when one is given.
+///
+/// # Errors
+/// Database errors.
+pub async fn list_of_kind(
+    pool: &PgPool,
+    queue: &str,
+    tenant: Option<TenantId>,
+    state: Option<JobState>,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<JobInfo>> {
+    let filtered = state.is_some() || kind.is_some();
     let rows: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "{SELECT_JOBS} where job_type = $1 and ($2::text is null or metadata -> 'tenant_id' = $2)
          order by id desc limit $3"
     )))
     .bind(queue)
     .bind(tenant.map(|t| t.to_string()))
-    .bind(if state.is_some() { 100_000 } else { limit })
+    .bind(if filtered { 100_000 } else { limit })
     .fetch_all(pool)
     .await?;
     let mut out: Vec<JobInfo> = rows.into_iter().map(to_info).collect();
-    if let Some(s) = state {
-        out.retain(|j| j.state == s);
-        out.truncate(limit as usize);
+    if filtered {
+        out.retain(|j| {
+            state.is_none_or(|s| j.state == s) && kind.is_none_or(|k| j.kind.as_deref() == Some(k))
+        });
+        out.truncate(limit.max(0) as usize);
     }
     note_waiting(pool, queue, &mut out).await?;
     Ok(out)

@@ -18,7 +18,7 @@ pub mod enqueue;
 pub mod inspect;
 
 pub use enqueue::{Enqueued, Enqueuer, NewJob};
-pub use inspect::{JobInfo, cancel, list, retry, show};
+pub use inspect::{JobInfo, cancel, list, list_of_kind, retry, show};
 
 use crate::envelope::Rejection;
 

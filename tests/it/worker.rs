@@ -1118,6 +1118,21 @@ async fn enqueue_cli_prints_an_id_and_jobs_cli_shows_lists_retries_and_cancels()
         "{listed}"
     );
 
+    // --limit says when more match; --kind filters by kind, within the tenant.
+    let out = db.cli(&["jobs", "list", "--tenant", &a_s, "--limit", "1"]);
+    let listed = stdout(&out);
+    assert_eq!(listed.lines().count(), 2, "one job and the hint: {listed}");
+    assert!(
+        listed.contains("(more jobs match: --limit 2 shows more)"),
+        "{listed}"
+    );
+    let out = db.cli(&["jobs", "list", "--tenant", &a_s, "--kind", "noop"]);
+    let listed = stdout(&out);
+    assert!(listed.lines().all(|l| l.contains("  noop  ")), "{listed}");
+    assert!(!listed.contains(&only_b), "{listed}");
+    let out = db.cli(&["jobs", "list", "--tenant", &a_s, "--kind", "export"]);
+    assert_eq!(stdout(&out).trim(), "no jobs match", "{}", stdout(&out));
+
     let out = db.cli(&["jobs", "list", "--state", "nonsense"]);
     assert!(!out.status.success());
     assert!(

@@ -52,9 +52,24 @@ pub async fn command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
         JobsCommand::List {
             tenant,
             state,
+            kind,
             limit,
         } => {
-            let jobs = queue::list(pool, &settings.worker.queue, tenant, state, limit).await?;
+            let limit = limit.max(1);
+            let mut jobs = queue::list_of_kind(
+                pool,
+                &settings.worker.queue,
+                tenant,
+                state,
+                kind.as_deref(),
+                limit + 1,
+            )
+            .await?;
+            let more = jobs.len() as i64 > limit;
+            jobs.truncate(limit as usize);
+            if jobs.is_empty() {
+                println!("no jobs match");
+            }
             for j in jobs {
                 println!(
                     "{}  {:<9}  {:<8}  tenant {}  attempts {}/{}{}",
@@ -69,6 +84,9 @@ pub async fn command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
                         .map(|n| format!("  ({n})"))
                         .unwrap_or_default()
                 );
+            }
+            if more {
+                println!("(more jobs match: --limit {} shows more)", limit * 2);
             }
         }
         JobsCommand::Show { id } => show(&queue::show(pool, &id).await?),

@@ -174,6 +174,9 @@ pub enum JobsCommand {
         /// rejected, cancelled).
         #[arg(long)]
         state: Option<JobState>,
+        /// Only jobs of this kind.
+        #[arg(long)]
+        kind: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
