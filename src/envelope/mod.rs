@@ -26,6 +26,25 @@
 //! ```
 //! `sig` is the 64-byte signature in standard base64 with padding. Keys are PKCS#8 (private)
 //! and SPKI (public) PEM files, so `openssl genpkey -algorithm ed25519` keys work too.
+//! With OpenSSL 3: `openssl pkeyutl -sign -inkey K.key.pem -rawin -in bytes.bin -out sig.bin`
+//! (the keys `tenant-worker keys generate` writes are PKCS#8 v1, which OpenSSL and Python's
+//! `cryptography` read).
+//!
+//! # The queue row
+//! A program in another language that enqueues without this crate inserts one row into
+//! `apalis.jobs` as the queue role, as [`crate::queue::Enqueuer`] does:
+//! ```sql
+//! insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
+//!                          priority, metadata, idempotency_key)
+//! values ('<the job id as a 26-character ULID>', '<worker.queue, default tenant-jobs>',
+//!         convert_to('<the envelope JSON>', 'UTF8'), 'Pending', 0, 5, now(), 0,
+//!         hstore(array['tenant_id', 'kind'], array['<tenant id>', '<kind>']), null)
+//! on conflict do nothing;
+//! ```
+//! The row id is the envelope's `job_id` (a UUID) written as a ULID (the same 128 bits); the
+//! `metadata` copy of the tenant and kind only routes the job (which jobs are fetched
+//! together, which workers fetch it): the worker runs every job in the tenant its signed
+//! envelope names, and rejects a job whose row id and `job_id` differ.
 
 pub mod keys;
 

@@ -1649,3 +1649,91 @@ fn the_demo_reports_on_stdout_without_log_noise_or_colour() {
     assert!(report.contains("Northwind (scheduled)"), "{report}");
     assert!(report.contains("1 of them by a schedule"), "{report}");
 }
+
+/// Runs `openssl` with `args`; the test needs it (`apt-get install openssl`).
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is needed for this test (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn signing_keys_work_both_ways_with_openssl() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let job = unsigned(TenantId(Uuid::new_v4()), "noop", json!({}));
+    let limit = config::Settings::default().worker.max_payload_bytes;
+
+    // A key from `keys generate` signs with OpenSSL (as an application in another language
+    // would), and the worker verifies; OpenSSL verifies it with the public key file too.
+    let out = helpers::cli_with_env(
+        &["keys", "generate", "--out", &path(""), "--key-id", "ours"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = tenant_worker::envelope::signing_bytes(
+        job.job_id,
+        job.tenant_id,
+        &job.kind,
+        "{}",
+        job.issued_at,
+        job.expires_at,
+        "ours",
+    );
+    std::fs::write(path("msg.bin"), &bytes).unwrap();
+    let (key, public) = (path("ours.key.pem"), path("ours.pub.pem"));
+    let (msg, sig) = (path("msg.bin"), path("sig.bin"));
+    openssl(&["pkey", "-in", &key, "-noout"]);
+    openssl(&[
+        "pkeyutl", "-sign", "-inkey", &key, "-rawin", "-in", &msg, "-out", &sig,
+    ]);
+    openssl(&[
+        "pkeyutl", "-verify", "-pubin", "-inkey", &public, "-rawin", "-in", &msg, "-sigfile", &sig,
+    ]);
+    let envelope = Envelope {
+        v: 1,
+        job_id: job.job_id,
+        tenant_id: job.tenant_id,
+        kind: job.kind.clone(),
+        args: RawValue::from_string("{}".into()).unwrap(),
+        issued_at: job.issued_at,
+        expires_at: job.expires_at,
+        key_id: "ours".into(),
+        sig: base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig).unwrap()),
+    };
+    let mut ring = tenant_worker::Keyring::new();
+    ring.insert(
+        KeyId::parse("ours").unwrap(),
+        tenant_worker::Keyring::load_public(std::path::Path::new(&public)).unwrap(),
+    );
+    let payload = serde_json::to_vec(&envelope).unwrap();
+    let verified = ring
+        .verify(&payload, limit, Some(job.job_id), unix_now())
+        .expect("the OpenSSL signature verifies");
+    assert_eq!(verified.tenant_id, job.tenant_id);
+
+    // A key made by OpenSSL signs in the worker, and its public key verifies.
+    let (theirs, theirs_pub) = (path("theirs.key.pem"), path("theirs.pub.pem"));
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &theirs]);
+    openssl(&["pkey", "-in", &theirs, "-pubout", "-out", &theirs_pub]);
+    let signer = Signer::from_file(
+        KeyId::parse("theirs").unwrap(),
+        std::path::Path::new(&theirs),
+    )
+    .expect("an openssl genpkey key loads");
+    let mut ring = tenant_worker::Keyring::new();
+    ring.insert(
+        KeyId::parse("theirs").unwrap(),
+        tenant_worker::Keyring::load_public(std::path::Path::new(&theirs_pub)).unwrap(),
+    );
+    let payload = serde_json::to_vec(&signer.sign(&job)).unwrap();
+    ring.verify(&payload, limit, Some(job.job_id), unix_now())
+        .expect("a job signed with an OpenSSL key verifies");
+}
