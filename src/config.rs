@@ -438,87 +438,84 @@ impl Settings {
                 ),
             });
         }
-        let bounded: [(&'static str, u64, u64); 11] = [
+        // (key, value, must it be positive, the largest accepted value).
+        let ranges: [(&'static str, u64, bool, u64); 11] = [
             (
                 "database.max_connections",
                 self.database.max_connections as u64,
+                true,
                 1_000,
             ),
             (
                 "database.connect_timeout_secs",
                 self.database.connect_timeout_secs,
+                false,
                 3_600,
             ),
-            ("worker.concurrency", self.worker.concurrency as u64, 1_024),
-            ("worker.batch_size", self.worker.batch_size as u64, 10_000),
+            (
+                "worker.concurrency",
+                self.worker.concurrency as u64,
+                true,
+                1_024,
+            ),
+            (
+                "worker.batch_size",
+                self.worker.batch_size as u64,
+                true,
+                10_000,
+            ),
             (
                 "worker.max_attempts",
                 self.worker.max_attempts as u64,
+                true,
                 1_000,
             ),
             (
                 "worker.poll_interval_ms",
                 self.worker.poll_interval_ms,
+                true,
                 3_600_000,
             ),
-            ("worker.heartbeat_secs", self.worker.heartbeat_secs, 3_600),
+            (
+                "worker.heartbeat_secs",
+                self.worker.heartbeat_secs,
+                true,
+                3_600,
+            ),
             (
                 "worker.missed_heartbeats",
                 self.worker.missed_heartbeats as u64,
+                true,
                 1_000,
             ),
             (
                 "worker.job_timeout_secs",
                 self.worker.job_timeout_secs,
+                true,
                 7 * 24 * 3_600,
             ),
             (
                 "worker.max_payload_bytes",
                 self.worker.max_payload_bytes as u64,
+                true,
                 64 << 20,
             ),
             (
                 "keys.job_ttl_secs",
                 self.keys.job_ttl_secs,
+                true,
                 366 * 24 * 3_600,
             ),
         ];
-        for (key, value, max) in bounded {
-            if value > max {
-                return Err(Error::Invalid {
-                    key,
-                    reason: format!("{value} is more than the largest accepted value, {max}"),
-                });
-            }
-        }
-        let positive = [
-            (
-                "database.max_connections",
-                self.database.max_connections as u64,
-            ),
-            ("worker.concurrency", self.worker.concurrency as u64),
-            ("worker.batch_size", self.worker.batch_size as u64),
-            ("worker.max_attempts", self.worker.max_attempts as u64),
-            ("worker.poll_interval_ms", self.worker.poll_interval_ms),
-            ("worker.heartbeat_secs", self.worker.heartbeat_secs),
-            (
-                "worker.missed_heartbeats",
-                self.worker.missed_heartbeats as u64,
-            ),
-            ("worker.job_timeout_secs", self.worker.job_timeout_secs),
-            (
-                "worker.max_payload_bytes",
-                self.worker.max_payload_bytes as u64,
-            ),
-            ("keys.job_ttl_secs", self.keys.job_ttl_secs),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(Error::Invalid {
-                    key,
-                    reason: "must be greater than 0".into(),
-                });
-            }
+        for (key, value, positive, most) in ranges {
+            let reason = if positive && value == 0 {
+                "must be greater than 0".to_string()
+            } else if value > most {
+                format!("{value} is more than the largest accepted value, {most}")
+            } else {
+                continue;
+            };
+            return Err(Error::Invalid { key, reason });
         }
         if self.worker.backoff_base_ms > self.worker.backoff_max_ms {
             return Err(Error::Invalid {
