@@ -4,7 +4,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::cron::{parse_cron, parse_tz};
+use super::cron::{parse_new_cron, parse_tz};
 use super::{Error, Result, Schedule};
 use crate::ids::TenantId;
 use crate::job::Registry;
@@ -24,7 +24,7 @@ pub async fn add(
     kind: &str,
     args: &serde_json::Value,
 ) -> Result<Uuid> {
-    parse_cron(cron_expr)?;
+    parse_new_cron(cron_expr)?;
     parse_tz(tz)?;
     registry.check(kind, args)?;
     let mut tx = scope.begin(tenant).await?;
