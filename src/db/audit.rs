@@ -521,21 +521,13 @@ async fn context_checks(
     });
 
     // Functions that run SQL given as text.
-    let functions: Vec<String> = sqlx::query_scalar(DYNAMIC_SQL_FUNCTIONS)
-        .fetch_all(admin)
-        .await?;
-    let mut open = Vec::new();
-    for f in functions {
-        let can: bool =
-            sqlx::query_scalar("select has_function_privilege($1, $2::regprocedure, 'execute')")
-                .bind(&roles.app)
-                .bind(&f)
-                .fetch_one(admin)
-                .await?;
-        if can {
-            open.push(f);
-        }
-    }
+    let open: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select f from ({DYNAMIC_SQL_FUNCTIONS}) as d(f)
+         where has_function_privilege($1, f::regprocedure, 'execute') order by 1"
+    )))
+    .bind(&roles.app)
+    .fetch_all(admin)
+    .await?;
     let name = format!(
         "app role `{}` cannot run SQL text through functions",
         roles.app

@@ -276,8 +276,8 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
     revoke_dynamic_sql(admin).await
 }
 
-/// Revokes EXECUTE on [`super::audit::DYNAMIC_SQL_FUNCTIONS`] from PUBLIC in this database (function
-/// privileges are per database). Needs a superuser (they belong to the bootstrap superuser);
+/// Revokes EXECUTE on [`super::audit::DYNAMIC_SQL_FUNCTIONS`] from PUBLIC in this database
+/// (function privileges are per database). Needs a superuser (they belong to the bootstrap superuser);
 /// without one it warns, and `audit` reports what is left.
 async fn revoke_dynamic_sql(admin: &PgPool) -> Result<()> {
     let functions: Vec<String> = sqlx::query_scalar(super::audit::DYNAMIC_SQL_FUNCTIONS)
