@@ -8,8 +8,9 @@
 //!
 //! What the seal stops: job SQL that sets `app.tenant_id` (or `SET LOCAL`, `RESET`, a
 //! function that runs SQL text) to reach another tenant; a context copied from an earlier
-//! transaction (it names that transaction's server process and start); a context past its expiry. What it does not
-//! stop: a process that holds the key (the worker itself, compromised), or a superuser.
+//! transaction (it names that transaction's server process and start); a context past its
+//! expiry. What it does not stop: a process that holds the key (the worker itself,
+//! compromised), or a superuser.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -133,6 +134,28 @@ impl ContextKey {
         format!("{text}.{mac}")
     }
 
+    /// Sets `tenant`'s context in the transaction open on `conn`, sealed with this key for that
+    /// transaction and valid until `expires` (Unix seconds), as [`Scope::begin`] does for its
+    /// own: for a transaction that [`Scope`] does not make (another role's, say) that must run
+    /// in one tenant's context.
+    ///
+    /// # Errors
+    /// Database errors. Outside a transaction the settings end with their statement.
+    pub async fn enter(
+        &self,
+        conn: &mut PgConnection,
+        tenant: TenantId,
+        expires: i64,
+    ) -> sqlx::Result<()> {
+        let binding: String = sqlx::query_scalar(BINDING).fetch_one(&mut *conn).await?;
+        sqlx::query(SET_CONTEXT)
+            .bind(tenant.0.hyphenated().to_string())
+            .bind(self.seal(tenant, expires, &binding))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
     /// The seal that lets `public.complete_job_runs` release the guard of the transaction
     /// with this binding.
     fn done_seal(&self, binding: &str) -> String {
@@ -143,6 +166,10 @@ impl ContextKey {
 /// The query that returns what a context is bound to, in the transaction it runs in: the
 /// server process and the transaction's start (`public.tenant_context_binding()`).
 pub const BINDING: &str = "select public.tenant_context_binding()";
+
+/// Sets a transaction's tenant and its sealed context: `$1` the tenant id, `$2` the seal.
+const SET_CONTEXT: &str =
+    "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)";
 
 /// Where the [`Scope`] reads a newer context key from after a rotation.
 struct KeySource {
@@ -311,13 +338,11 @@ impl Scope {
         if !guard && then.is_none() {
             // Alone, the context goes as a prepared statement: cheaper for the server than a
             // simple query it parses and plans every time.
-            sqlx::query(
-                "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)",
-            )
-            .bind(tenant.0.hyphenated().to_string())
-            .bind(&tx.ctx)
-            .execute(&mut *tx.conn)
-            .await?;
+            sqlx::query(SET_CONTEXT)
+                .bind(tenant.0.hyphenated().to_string())
+                .bind(&tx.ctx)
+                .execute(&mut *tx.conn)
+                .await?;
             return Ok((tx, None));
         }
         // Every value inlined is one this crate formatted (a parsed UUID, the seal's digits and

@@ -196,22 +196,11 @@ async fn views_owned_by_the_owner_still_filter_because_rls_is_forced() {
     .unwrap();
     // A's context, sealed for this transaction as the worker seals it.
     conn.execute("begin").await.unwrap();
-    let binding: String = sqlx::query_scalar(tenant_worker::scope::BINDING)
-        .fetch_one(&mut *conn)
+    db.context_key()
+        .await
+        .enter(&mut conn, a, chrono::Utc::now().timestamp() + 60)
         .await
         .unwrap();
-    let ctx = db
-        .context_key()
-        .await
-        .seal(a, chrono::Utc::now().timestamp() + 60, &binding);
-    sqlx::query(
-        "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)",
-    )
-    .bind(a.to_string())
-    .bind(ctx)
-    .execute(&mut *conn)
-    .await
-    .unwrap();
     let leaky: i64 = sqlx::query_scalar("select count(*) from v_property_noforce")
         .fetch_one(&mut *conn)
         .await

@@ -123,16 +123,13 @@ async fn sql_that_forges_the_context_inside_a_scoped_transaction_sees_nothing_of
 
     // A correctly sealed context for this very transaction, but expired.
     let mut tx = scope.begin(a).await.unwrap();
-    let binding: String = sqlx::query_scalar(tenant_worker::scope::BINDING)
-        .fetch_one(tx.conn().await.unwrap())
-        .await
-        .unwrap();
-    let expired = key.seal(a, chrono::Utc::now().timestamp() - 1, &binding);
-    sqlx::query("select set_config('app.tenant_ctx', $1, true)")
-        .bind(expired)
-        .execute(tx.conn().await.unwrap())
-        .await
-        .unwrap();
+    key.enter(
+        tx.conn().await.unwrap(),
+        a,
+        chrono::Utc::now().timestamp() - 1,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         seen_after(&mut tx, a, b).await,
         (0, 0),

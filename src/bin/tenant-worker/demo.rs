@@ -460,17 +460,8 @@ async fn force_gotcha(
     )))
     .await?;
     // The tenant's context, sealed for this transaction like the worker's.
-    let binding: String = sqlx::query_scalar(tenant_worker::scope::BINDING)
-        .fetch_one(&mut *tx)
+    key.enter(&mut tx, t, chrono::Utc::now().timestamp() + 60)
         .await?;
-    let expires = chrono::Utc::now().timestamp() + 60;
-    sqlx::query(
-        "select set_config('app.tenant_id', $1, true), set_config('app.tenant_ctx', $2, true)",
-    )
-    .bind(t.to_string())
-    .bind(key.seal(t, expires, &binding))
-    .execute(&mut *tx)
-    .await?;
     let leaky: i64 = sqlx::query_scalar("select count(*) from v_records_without_force")
         .fetch_one(&mut *tx)
         .await?;
