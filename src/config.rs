@@ -315,6 +315,12 @@ pub struct WorkerSettings {
     pub max_payload_bytes: usize,
     /// Refuse to start when the security audit fails (keep this on).
     pub audit_on_start: bool,
+    /// Share workers between tenants by weight (on), or serve the oldest runnable job's
+    /// tenant first (off: strict FIFO between tenants, one tenant's backlog holds up all).
+    pub fairness: bool,
+    /// With `fairness`, about how much of one tenant's work (in worker time) one fetch takes:
+    /// the longest a waiting tenant's job waits behind another tenant's group for a slot.
+    pub fair_quantum_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -333,6 +339,8 @@ impl Default for WorkerSettings {
             job_timeout_secs: 300,
             max_payload_bytes: 256 * 1024,
             audit_on_start: true,
+            fairness: true,
+            fair_quantum_ms: 20,
         }
     }
 }
@@ -439,7 +447,7 @@ impl Settings {
             });
         }
         // (key, value, must it be positive, the largest accepted value).
-        let ranges: [(&'static str, u64, bool, u64); 11] = [
+        let ranges: [(&'static str, u64, bool, u64); 12] = [
             (
                 "database.max_connections",
                 self.database.max_connections as u64,
@@ -475,6 +483,12 @@ impl Settings {
                 self.worker.poll_interval_ms,
                 true,
                 3_600_000,
+            ),
+            (
+                "worker.fair_quantum_ms",
+                self.worker.fair_quantum_ms,
+                true,
+                60_000,
             ),
             (
                 "worker.heartbeat_secs",

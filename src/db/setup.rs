@@ -100,6 +100,9 @@ pub async fn migrate(settings: &Settings, urls: &DbUrls) -> Result<()> {
     Ok(())
 }
 
+/// The tenant-fair fetch: lanes, their triggers on `apalis.jobs` and `apalis.fair_fetch`.
+const FAIR_FETCH: &str = include_str!("fair_fetch.sql");
+
 /// Fixes three performance problems of apalis-postgres 1.0's schema, adds the index our own
 /// fetch uses, and scopes idempotency keys to the tenant. They are properties of the queue tables and functions, so every worker on
 /// this database gets them: plain apalis-postgres workers (the benchmark's baseline) fetch with
@@ -131,6 +134,9 @@ pub async fn migrate(settings: &Settings, urls: &DbUrls) -> Result<()> {
 /// Idempotency keys: apalis-postgres makes `(job_type, idempotency_key)` unique, so one
 /// tenant's key would suppress (and reveal) another tenant's job with the same key. The
 /// unique index is `(job_type, tenant, idempotency_key)` instead: a key is one tenant's.
+///
+/// Fairness: the lanes table, its triggers and the fair fetch function of
+/// [`crate::backend`], from `fair_fetch.sql`.
 async fn tune_queue(admin: &PgPool) -> Result<()> {
     admin
         .execute(
@@ -151,6 +157,7 @@ async fn tune_queue(admin: &PgPool) -> Result<()> {
              drop index if exists apalis.idx_jobs_idempotency_key;",
         )
         .await?;
+    admin.execute(FAIR_FETCH).await?;
     Ok(())
 }
 
@@ -227,7 +234,9 @@ async fn apply_grants(admin: &PgPool, settings: &Settings) -> Result<()> {
         // The queue role: the apalis schema, and of the registry only whether a tenant exists
         // and is active (enqueue refuses jobs for other tenants), through a narrow policy.
         format!(r#"grant usage on schema apalis to "{queue}""#),
-        format!(r#"grant select (id, status) on public.tenants to "{queue}""#),
+        format!(
+            r#"grant select (id, status, weight, max_running, paused) on public.tenants to "{queue}""#
+        ),
         "drop policy if exists queue_reads_status on public.tenants".to_string(),
         format!(
             r#"create policy queue_reads_status on public.tenants as permissive for select to "{queue}" using (true)"#

@@ -18,7 +18,7 @@ pub mod enqueue;
 pub mod inspect;
 
 pub use enqueue::{Enqueued, Enqueuer, NewJob};
-pub use inspect::{JobInfo, cancel, list, list_of_kind, retry, show};
+pub use inspect::{JobInfo, TenantLoad, cancel, list, list_of_kind, retry, show, tenant_loads};
 
 use crate::envelope::Rejection;
 

@@ -13,6 +13,23 @@
 //! lock update is not needed (`lock_tasks` off); the shutdown and orphan re-enqueue queries
 //! accept `Running` rows as well as `Queued` ones.
 //!
+//! ## Fairness
+//!
+//! With fairness on (the default, `worker.fairness`), the tenant is not the oldest job's but
+//! the next one's in a weighted fair order across every worker on the queue: `apalis.fair_fetch`
+//! (in `db/fair_fetch.sql`, installed by `setup`) keeps one *lane* per tenant with work and a
+//! virtual time per lane. Each fetch serves the ready lane with the lowest virtual time, takes
+//! up to about `worker.fair_quantum_ms` of its jobs (by the lane's measured cost per job, at
+//! most `batch_size`, at most what the tenant's `max_running` cap leaves) and advances the
+//! lane by their cost divided by the tenant's weight; the acks feed the measured cost back.
+//! So each tenant with work gets a share of worker time in proportion to its weight, whatever
+//! the length of its backlog; a lone tenant gets everything (work-conserving); a tenant at its
+//! cap is passed over, not waited for; a paused tenant's lane waits. Claims of one tenant are
+//! serialised on its lane row, so a cap holds across workers without a count-then-claim race,
+//! and a fetch never waits for a lock another fetch holds (it takes the next lane, and tries
+//! again at once when all it found were held). Within a tenant the order is apalis's:
+//! priority, then `run_at`.
+//!
 //! Everything else (registering, heartbeats, orphan re-enqueue, acks, pushes) runs
 //! apalis-postgres's own queries, so `jobs show`, retries, the scheduler and plain apalis
 //! workers on the same table keep working unchanged.
@@ -81,6 +98,37 @@ set worker_type = excluded.worker_type,
     layers = excluded.layers,
     last_seen = now()
 where pg_try_advisory_lock(hashtext(workers.id))";
+
+/// The fair fetch (see the module's documentation): `apalis.fair_fetch` returns job rows and
+/// marker rows (`id` null) saying why it returned none.
+const FAIR_FETCH: &str = "select id, job, job_type, attempts, max_attempts, note
+from apalis.fair_fetch($1, $2, $3, $4, $5)";
+
+/// How often an empty fair fetch that skipped lanes held by other fetches is tried again at
+/// once, before the worker waits for its next wake-up.
+const BUSY_RETRIES: usize = 3;
+
+#[derive(sqlx::FromRow)]
+struct FairRow {
+    id: Option<String>,
+    job: Option<Vec<u8>>,
+    job_type: Option<String>,
+    attempts: Option<i32>,
+    max_attempts: Option<i32>,
+    note: Option<String>,
+}
+
+/// How [`TenantStorage`] picks the tenant of a fetch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FetchOrder {
+    /// The oldest runnable job's tenant (strict FIFO between tenants).
+    Oldest,
+    /// Weighted fair share between tenants, each fetch about `quantum` of one tenant's work.
+    Fair {
+        /// Worker time one fetch aims to take from one tenant.
+        quantum: std::time::Duration,
+    },
+}
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -228,6 +276,62 @@ pub struct TenantPersistence {
     config: Config,
     /// The kinds this worker runs: the only ones it fetches.
     kinds: Vec<String>,
+    order: FetchOrder,
+}
+
+impl TenantPersistence {
+    async fn fetch_fair(
+        &self,
+        worker: &WorkerContext,
+        quantum: std::time::Duration,
+    ) -> Result<Vec<Row>, Error> {
+        for retry in 0..=BUSY_RETRIES {
+            let found: Vec<FairRow> = sqlx::query_as(FAIR_FETCH)
+                .bind(worker.name())
+                .bind(self.config.queue.as_ref())
+                .bind(self.config.batch_size as i32)
+                .bind(&self.kinds)
+                .bind(quantum.as_secs_f64())
+                .fetch_all(&self.pool)
+                .await?;
+            let mut rows = Vec::with_capacity(found.len());
+            let mut busy = false;
+            for row in found {
+                match row {
+                    FairRow {
+                        id: Some(id),
+                        job: Some(job),
+                        job_type: Some(job_type),
+                        attempts: Some(attempts),
+                        max_attempts: Some(max_attempts),
+                        ..
+                    } => rows.push(Row {
+                        id,
+                        job,
+                        job_type,
+                        attempts,
+                        max_attempts,
+                    }),
+                    FairRow {
+                        note: Some(note), ..
+                    } if note == "busy" => busy = true,
+                    FairRow {
+                        note: Some(note), ..
+                    } => {
+                        if let Some(tenant) = note.strip_prefix("capped ") {
+                            tracing::debug!(%tenant, "tenant held at its max_running cap");
+                        }
+                    }
+                    FairRow { .. } => {}
+                }
+            }
+            if !rows.is_empty() || !busy || retry == BUSY_RETRIES {
+                return Ok(rows);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Ok(Vec::new())
+    }
 }
 
 impl Persistence for TenantPersistence {
@@ -266,13 +370,18 @@ impl Persistence for TenantPersistence {
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
         // One statement, so no explicit transaction: its autocommit is the whole claim.
-        let rows: Vec<Row> = sqlx::query_as(FETCH)
-            .bind(worker.name())
-            .bind(self.config.queue.as_ref())
-            .bind(self.config.batch_size as i32)
-            .bind(&self.kinds)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<Row> = match self.order {
+            FetchOrder::Oldest => {
+                sqlx::query_as(FETCH)
+                    .bind(worker.name())
+                    .bind(self.config.queue.as_ref())
+                    .bind(self.config.batch_size as i32)
+                    .bind(&self.kinds)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            FetchOrder::Fair { quantum } => self.fetch_fair(worker, quantum).await?,
+        };
         Ok(Group::task(rows).into_iter().collect())
     }
 
@@ -328,13 +437,15 @@ pub struct TenantStorage {
 }
 
 impl TenantStorage {
-    /// A backend for `config.queue` on `pool` (the queue role's), fetching jobs of `kinds`.
-    pub fn new(pool: &PgPool, config: Config, kinds: Vec<String>) -> Self {
+    /// A backend for `config.queue` on `pool` (the queue role's), fetching jobs of `kinds`
+    /// in `order`.
+    pub fn new(pool: &PgPool, config: Config, kinds: Vec<String>, order: FetchOrder) -> Self {
         Self {
             persistence: Persisted::new(TenantPersistence {
                 pool: pool.clone(),
                 config,
                 kinds,
+                order,
             }),
             codec: GroupCodec,
         }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ack::{Ack, Acker, ProgressWriter};
-use super::backend::{Group, TenantStorage};
+use super::backend::{FetchOrder, Group, TenantStorage};
 pub use super::execute::Summary;
 use super::execute::{Ended, Executor, Ready, Stats};
 use crate::config::Settings;
@@ -277,7 +277,7 @@ async fn handle(
     }
     let mut units: Vec<futures::future::BoxFuture<'_, ()>> = Vec::new();
     if !rejected.is_empty() {
-        units.push(Box::pin(write_back(state, worker, rejected)));
+        units.push(Box::pin(write_back(state, worker, rejected, None)));
     }
     for (tenant, members) in rounds {
         if members.len() == 1 {
@@ -295,8 +295,10 @@ async fn handle(
             if state.exec.abort.is_cancelled() {
                 return;
             }
+            let started = std::time::Instant::now();
             let ended = state.exec.run_alone(ready).await;
-            write_back(state, worker, vec![ended]).await;
+            let secs = started.elapsed().as_secs_f64();
+            write_back(state, worker, vec![ended], Some(secs)).await;
         }));
     }
     futures::future::join_all(units).await;
@@ -318,6 +320,7 @@ async fn run_round_unit(
     if exec.abort.is_cancelled() {
         return;
     }
+    let started = std::time::Instant::now();
     let results = {
         let mut jobs: Vec<&mut super::execute::UnitJob> =
             members.iter_mut().map(|r| &mut r.job).collect();
@@ -344,15 +347,17 @@ async fn run_round_unit(
     }
     let again = futures::future::join_all(again.into_iter().map(|r| exec.run_alone(r)));
     ended.extend(again.await);
-    write_back(state, worker, ended).await;
+    let secs = started.elapsed().as_secs_f64() / ended.len().max(1) as f64;
+    write_back(state, worker, ended, Some(secs)).await;
 }
 
-/// Writes the outcomes of ended deliveries back to the queue, in one statement.
-async fn write_back(state: &WorkerState, worker: &str, ended: Vec<Ended>) {
+/// Writes the outcomes of ended deliveries back to the queue, in one statement, with the worker
+/// time each took (`secs`, for the fair fetch's cost estimate; `None` for jobs that never ran).
+async fn write_back(state: &WorkerState, worker: &str, ended: Vec<Ended>, secs: Option<f64>) {
     let acks: Vec<Ack> = ended
         .into_iter()
         .filter(|e| e.ack)
-        .map(|e| Ack::new(e.id, worker, e.attempt, &e.outcome, e.progress))
+        .map(|e| Ack::new(e.id, worker, e.attempt, &e.outcome, e.progress).took(secs))
         .collect();
     if acks.is_empty() {
         return;
@@ -383,10 +388,13 @@ pub struct RunOptions {
 /// count; with `kinds`, neither do waiting jobs of other kinds (a worker that does not run
 /// them is idle while they wait).
 ///
-/// Two `exists` probes, each the exact predicate of a partial index that `setup` keeps (the
-/// in-flight `lock_by` index and apalis's fetch index), so the check costs a few index pages
-/// however long the queue's history is; a `count(*)` here was a sequential scan of the whole
-/// table ten times a second, which took a third of a core from the workers it was watching.
+/// A paused tenant's waiting jobs do not count either: they wait for `tenant resume`.
+///
+/// `exists` probes, each the exact predicate of a partial index that `setup` keeps (the
+/// in-flight `lock_by` index, and per tenant lane with work the fetch index), so the check
+/// costs a few index pages per tenant with work however long the queue's history is; a
+/// `count(*)` here was a sequential scan of the whole table ten times a second, which took a
+/// third of a core from the workers it was watching.
 ///
 /// # Errors
 /// Database errors.
@@ -399,11 +407,17 @@ pub async fn has_unfinished_jobs(
     sqlx::query_scalar(
         "select exists(select 1 from apalis.jobs
                        where (status = 'Queued' or status = 'Running') and job_type = $1)
-             or exists(select 1 from apalis.jobs
-                       where job_type = $1
-                         and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
-                         and ($2 or run_at <= clock_timestamp())
-                         and ($3::text[] is null or coalesce(metadata -> 'kind', '') = any($3)))",
+             or exists(select 1 from apalis.tenant_lanes l
+                       left join public.tenants t on t.id = l.registry_id
+                       where l.queue = $1 and l.active and not coalesce(t.paused, false)
+                         and exists(select 1 from apalis.jobs j
+                                    where j.job_type = $1
+                                      and coalesce(j.metadata -> 'tenant_id', '') = l.tenant
+                                      and (j.status = 'Pending'
+                                           or (j.status = 'Failed' and j.attempts < j.max_attempts))
+                                      and ($2 or j.run_at <= clock_timestamp())
+                                      and ($3::text[] is null
+                                           or coalesce(j.metadata -> 'kind', '') = any($3))))",
     )
     .bind(queue)
     .bind(include_delayed)
@@ -671,7 +685,14 @@ where
             .heartbeat_interval(Duration::from_secs(s.heartbeat_secs))
             .missed_heartbeats(s.missed_heartbeats);
         let strategy = wake_strategy(&pool, &s.queue, Duration::from_millis(s.poll_interval_ms));
-        let backend = TenantStorage::new(&pool, config, kinds).poll_with_strategy(strategy);
+        let order = if s.fairness {
+            FetchOrder::Fair {
+                quantum: Duration::from_millis(s.fair_quantum_ms),
+            }
+        } else {
+            FetchOrder::Oldest
+        };
+        let backend = TenantStorage::new(&pool, config, kinds, order).poll_with_strategy(strategy);
         apalis_core::worker::builder::WorkerBuilder::new(name.as_str())
             .backend(backend)
             .data(state.clone())

@@ -519,6 +519,11 @@ pub async fn insert_signed(
     job.job_id
 }
 
+/// The apalis row id of a job (its id as a ULID).
+pub fn row_id(job: JobId) -> String {
+    job.to_ulid().to_string()
+}
+
 /// A job as `jobs show` sees it.
 pub async fn job_info(queue_pool: &PgPool, job: JobId) -> tenant_worker::queue::JobInfo {
     tenant_worker::queue::show(queue_pool, &job.to_string())

@@ -3,6 +3,7 @@
 
 mod data_layer;
 mod exports;
+mod fairness;
 mod faults;
 mod helpers;
 mod job_api;

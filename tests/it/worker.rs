@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::seed_towers as seed;
-use crate::helpers::{self, TestDb, stderr, stdout};
+use crate::helpers::{self, TestDb, row_id, stderr, stdout};
 
 /// Ground truth: the run records of a job, read as the superuser: (tenant, attempt, result).
 async fn runs_of(admin: &PgPool, job: JobId) -> Vec<(TenantId, i32, Option<serde_json::Value>)> {
@@ -48,11 +48,6 @@ async fn show(queue: &PgPool, job: JobId) -> queue::JobInfo {
     queue::show(queue, &job.to_string())
         .await
         .expect("job exists")
-}
-
-/// The apalis row id of a job.
-fn row_id(job: JobId) -> String {
-    job.to_ulid().to_string()
 }
 
 async fn status(admin: &PgPool, job: JobId) -> String {

@@ -5,7 +5,7 @@ use tenant_worker::db::{self, DbUrls, audit};
 use tenant_worker::envelope::keys;
 use tenant_worker::{KeyId, Settings, embedded, tenant};
 
-use super::{DevCommand, KeysCommand, TenantCommand};
+use super::{Cap, DevCommand, KeysCommand, TenantCommand};
 
 async fn resolve(settings: &Settings) -> Result<DbUrls> {
     super::note_local_default(settings);
@@ -49,8 +49,19 @@ pub async fn tenant(settings: &Settings, cmd: TenantCommand) -> Result<()> {
             if tenants.is_empty() {
                 println!("no tenants yet: add one with `tenant-worker tenant add --name NAME`");
             }
+            if !tenants.is_empty() {
+                println!(
+                    "{:<36}  {:<9}  {:>6}  {:>11}  {:<6}  name",
+                    "id", "status", "weight", "max-running", "paused"
+                );
+            }
             for t in tenants {
-                println!("{}  {:<9}  {}", t.id, t.status, t.name);
+                let cap = t.max_running.map_or("-".to_string(), |n| n.to_string());
+                let paused = if t.paused { "paused" } else { "-" };
+                println!(
+                    "{}  {:<9}  {:>6}  {:>11}  {:<6}  {}",
+                    t.id, t.status, t.weight, cap, paused, t.name
+                );
             }
         }
         TenantCommand::Suspend { id } => {
@@ -60,6 +71,33 @@ pub async fn tenant(settings: &Settings, cmd: TenantCommand) -> Result<()> {
         TenantCommand::Activate { id } => {
             tenant::set_status(&admin, owner, id, true).await?;
             println!("activated {id}");
+        }
+        TenantCommand::Set {
+            id,
+            weight,
+            max_running,
+        } => {
+            if weight.is_none() && max_running.is_none() {
+                anyhow::bail!("nothing to change: give --weight and/or --max-running");
+            }
+            let share = tenant::Share {
+                weight,
+                max_running: max_running.map(|c| match c {
+                    Cap::None => None,
+                    Cap::At(n) => Some(n),
+                }),
+            };
+            let t = tenant::set_share(&admin, owner, id, share).await?;
+            let cap = t.max_running.map_or("none".to_string(), |n| n.to_string());
+            println!("{id}: weight {}, max-running {cap}", t.weight);
+        }
+        TenantCommand::Pause { id } => {
+            tenant::set_paused(&admin, owner, id, true).await?;
+            println!("paused {id}: its jobs wait in the queue until `tenant resume {id}`");
+        }
+        TenantCommand::Resume { id } => {
+            tenant::set_paused(&admin, owner, id, false).await?;
+            println!("resumed {id}");
         }
     }
     admin.close().await;

@@ -98,6 +98,44 @@ pub async fn command(settings: &Settings, cmd: JobsCommand) -> Result<()> {
             queue::cancel(pool, &id).await?;
             println!("cancelled {id}");
         }
+        JobsCommand::Stats { limit } => {
+            let limit = limit.max(1);
+            let mut loads = queue::tenant_loads(pool, &settings.worker.queue, limit + 1).await?;
+            let more = loads.len() as i64 > limit;
+            loads.truncate(limit as usize);
+            if loads.is_empty() {
+                println!("no unfinished jobs");
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:>8}  {:>7}  {:>7}  {:>11}  {:>6}  {:>11}  paused",
+                "tenant", "runnable", "delayed", "running", "oldest wait", "weight", "max-running"
+            );
+            for l in loads {
+                let wait = l
+                    .oldest_wait_secs
+                    .map_or("-".to_string(), |s| format!("{s:.1}s"));
+                let cap = l.max_running.map_or("-".to_string(), |n| n.to_string());
+                println!(
+                    "{:<36}  {:>8}  {:>7}  {:>7}  {:>11}  {:>6}  {:>11}  {}",
+                    if l.tenant_id.is_empty() {
+                        "(none)"
+                    } else {
+                        &l.tenant_id
+                    },
+                    l.runnable,
+                    l.delayed,
+                    l.running,
+                    wait,
+                    l.weight,
+                    cap,
+                    if l.paused { "yes" } else { "-" }
+                );
+            }
+            if more {
+                println!("(more tenants have jobs: --limit {} shows more)", limit * 2);
+            }
+        }
     }
     Ok(())
 }

@@ -138,6 +138,52 @@ pub enum TenantCommand {
         /// Tenant id.
         id: TenantId,
     },
+    /// Change a tenant's share of the workers: its weight against other tenants with work,
+    /// and a cap on its jobs running at once across all workers.
+    Set {
+        /// Tenant id.
+        id: TenantId,
+        /// Share of worker time relative to other tenants with work (1 to 1000; default 1).
+        #[arg(long, allow_negative_numbers = true, value_parser = whole_number)]
+        weight: Option<i64>,
+        /// At most this many of its jobs at once (1 to 100000), or `none` for no cap.
+        #[arg(long, value_name = "N|none", allow_negative_numbers = true, value_parser = cap)]
+        max_running: Option<Cap>,
+    },
+    /// Pause a tenant: its jobs stay queued (new ones too) until `tenant resume`.
+    Pause {
+        /// Tenant id.
+        id: TenantId,
+    },
+    /// Resume a paused tenant: its queued jobs run again, in order.
+    Resume {
+        /// Tenant id.
+        id: TenantId,
+    },
+}
+
+/// `--max-running`: a number, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// No cap.
+    None,
+    /// This many.
+    At(i64),
+}
+
+fn whole_number(s: &str) -> Result<i64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))
+}
+
+fn cap(s: &str) -> Result<Cap, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Cap::None);
+    }
+    whole_number(s)
+        .map(Cap::At)
+        .map_err(|e| format!("{e} (or `none` for no cap)"))
 }
 
 /// `keys` subcommands.
@@ -195,6 +241,13 @@ pub enum JobsCommand {
     Cancel {
         /// Job id.
         id: String,
+    },
+    /// Per-tenant load: runnable, delayed and running jobs, the oldest wait, weight, cap and
+    /// pause, the longest-waiting tenants first.
+    Stats {
+        /// At most this many tenants.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
     },
 }
 
