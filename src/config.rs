@@ -318,8 +318,9 @@ pub struct WorkerSettings {
     /// Share workers between tenants by weight (on), or serve the oldest runnable job's
     /// tenant first (off: strict FIFO between tenants, one tenant's backlog holds up all).
     pub fairness: bool,
-    /// With `fairness`, about how much of one tenant's work (in worker time) one fetch takes:
-    /// the longest a waiting tenant's job waits behind another tenant's group for a slot.
+    /// With `fairness`, about how long another tenant's job waits for a slot while this
+    /// worker's slots are all busy: one fetch takes about `fair_quantum_ms × concurrency` of a
+    /// tenant's worker time, so one slot frees about every `fair_quantum_ms`.
     pub fair_quantum_ms: u64,
 }
 

@@ -1,6 +1,6 @@
 //! The tenant registry: one row per customer organisation (`tenant add/list/suspend/activate`),
 //! with its scheduling settings (`tenant set/pause/resume`: weight, cap, pause; see
-//! [`crate::backend`] for what the fair fetch does with them). Tenant data itself is reached
+//! [`crate::worker::FetchOrder`] for what the fair fetch does with them). Tenant data itself is reached
 //! only through a [`crate::ScopedTx`].
 
 use sqlx::{AssertSqlSafe, Executor, PgPool, Postgres, Transaction};

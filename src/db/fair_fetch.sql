@@ -24,8 +24,9 @@ create table if not exists apalis.tenant_lanes (
     -- The same as a uuid when it is one: joins the registry for weight, cap and pause.
     registry_id uuid,
     vtime double precision not null default 0,
-    -- Estimated seconds of worker time per job, a moving average written by the acks.
-    cost double precision not null default 0.001,
+    -- Estimated seconds of worker time per job, a moving average of what the workers report;
+    -- null until the first report.
+    cost double precision,
     -- Has (or may have) work; an inactive lane is out of every scan.
     active boolean not null default true,
     -- Active, but nothing to run before `ready_at` ('infinity': paused).
@@ -121,12 +122,24 @@ begin
 end $$;
 
 -- The fair fetch: up to `p_batch` runnable jobs of kinds `p_kinds`, all of one tenant, marked
--- `Running` for `p_worker`. Besides job rows it may return one marker row (id null): `note`
--- 'busy' when it found nothing but skipped lanes other fetches held (try again at once), or
--- 'capped <tenant>' for each lane it passed over at its cap.
+-- `Running` for `p_worker`, each with its tenant and the cost per job it was charged. Marker
+-- rows (id null) say more: `note` 'busy' when it found nothing but skipped lanes other
+-- fetches held (try again at once), 'capped <tenant>' for each lane it passed over at its
+-- cap, 'kept <tenant>' for a report it could not apply (the lane was held; send it again).
+--
+-- The report (`p_cost_*`, per tenant, since the caller's last fetch): jobs finished, the
+-- worker time each took on average, what their claims were charged in all. The time folds into
+-- the lane's estimate (a sample is bounded to ten times the estimate, so one stalled round
+-- cannot throw a tenant's share off for long), and the difference between what the jobs cost
+-- by the new estimate and what their claims were charged is added to the lane's virtual time
+-- (divided by the weight), so a tenant pays for what it used even when its jobs were
+-- underestimated (a new tenant's first claims, jobs that got slower).
 create or replace function apalis.fair_fetch(
-    p_worker text, p_queue text, p_batch integer, p_kinds text[], p_quantum double precision)
-returns table (id text, job bytea, job_type text, attempts integer, max_attempts integer, note text)
+    p_worker text, p_queue text, p_batch integer, p_kinds text[], p_quantum double precision,
+    p_cost_tenants text[], p_cost_jobs double precision[], p_cost_secs double precision[],
+    p_cost_charged double precision[])
+returns table (id text, job bytea, job_type text, attempts integer, max_attempts integer,
+               tenant text, charged double precision, note text)
 language plpgsql as $$
 #variable_conflict use_column
 declare
@@ -136,8 +149,42 @@ declare
     n integer;
     running integer;
     floor_v double precision;
+    est double precision;
     busy boolean := false;
 begin
+    if cardinality(p_cost_tenants) > 0 then
+        return query
+        with held as (
+            select x.tenant from apalis.tenant_lanes x
+            where x.queue = p_queue and x.tenant = any(p_cost_tenants)
+            order by x.tenant
+            for no key update skip locked
+        ), measured as (
+            select m.tenant, m.jobs, m.charged,
+                   case when l.cost is null then greatest(m.secs, 1e-6)
+                        else l.cost * 0.75 + least(greatest(m.secs, 1e-6), l.cost * 10) * 0.25
+                   end as cost,
+                   coalesce((select t.weight from public.tenants t where t.id = l.registry_id), 1)
+                       as weight
+            from held
+            join apalis.tenant_lanes l on l.queue = p_queue and l.tenant = held.tenant
+            join unnest(p_cost_tenants, p_cost_jobs, p_cost_secs, p_cost_charged)
+                     as m(tenant, jobs, secs, charged) on m.tenant = held.tenant
+        ), applied as (
+            update apalis.tenant_lanes l
+            set cost = measured.cost,
+                vtime = l.vtime
+                        + (measured.jobs * measured.cost - measured.charged) / measured.weight
+            from measured
+            where l.queue = p_queue and l.tenant = measured.tenant
+            returning l.tenant
+        )
+        select null::text, null::bytea, null::text, null::integer, null::integer, null::text,
+               null::double precision, 'kept ' || x.tenant
+        from apalis.tenant_lanes x
+        where x.queue = p_queue and x.tenant = any(p_cost_tenants)
+          and x.tenant not in (select a.tenant from applied a);
+    end if;
     -- Lanes whose next job's time has come are ready again, lifted to the lowest virtual time
     -- of the ready lanes.
     select l.vtime into floor_v from apalis.tenant_lanes l
@@ -173,8 +220,19 @@ begin
             where queue = p_queue and tenant = lane.tenant;
             continue;
         end if;
-        -- About one quantum of the tenant's work, so a slot is never held long while others wait.
-        k := least(p_batch, greatest(1, floor(p_quantum / greatest(lane.cost, 1e-6)))::integer);
+        -- About one quantum of the tenant's work, so a slot is never held long while others
+        -- wait. A tenant whose jobs have not been measured yet is taken to cost what other
+        -- tenants' jobs in this queue do (what it really used is charged once it reports);
+        -- with nothing measured at all, a full batch is taken to fill the quantum.
+        est := lane.cost;
+        if est is null then
+            select avg(m.cost) into est from (
+                select x.cost from apalis.tenant_lanes x
+                where x.queue = p_queue and x.active and x.cost is not null
+                limit 16) m;
+        end if;
+        est := greatest(coalesce(est, p_quantum / p_batch), 1e-6);
+        k := least(p_batch, greatest(1, floor(p_quantum / est))::integer);
         if lane.max_running is not null then
             select count(*) into running from (
                 select 1 from apalis.jobs r
@@ -183,7 +241,8 @@ begin
                 limit lane.max_running) s;
             if running >= lane.max_running then
                 return query select null::text, null::bytea, null::text, null::integer,
-                                    null::integer, 'capped ' || lane.tenant;
+                                    null::integer, null::text, null::double precision,
+                                    'capped ' || lane.tenant;
                 continue;
             end if;
             k := least(k, lane.max_running - running);
@@ -206,18 +265,25 @@ begin
             where j.id = picked.id
             returning j.id, j.job, j.job_type, j.attempts, j.max_attempts
         )
-        select c.id, c.job, c.job_type, c.attempts, c.max_attempts, null::text from claimed c;
+        select c.id, c.job, c.job_type, c.attempts, c.max_attempts, lane.tenant, est,
+               null::text
+        from claimed c;
         get diagnostics n = row_count;
         if n > 0 then
-            update apalis.tenant_lanes set vtime = vtime + n * lane.cost / lane.weight
+            update apalis.tenant_lanes set vtime = vtime + n * est / lane.weight
             where queue = p_queue and tenant = lane.tenant;
+            if n < k then
+                -- Fewer than asked for: most likely the last of its work, so retire it now
+                -- rather than have the next fetch find it empty.
+                perform apalis.tenant_lanes_rest(p_queue, lane.tenant);
+            end if;
             return;
         end if;
         perform apalis.tenant_lanes_rest(p_queue, lane.tenant);
     end loop;
     if busy then
         return query select null::text, null::bytea, null::text, null::integer, null::integer,
-                            'busy'::text;
+                            null::text, null::double precision, 'busy'::text;
     end if;
 end $$;
 

@@ -30,8 +30,6 @@ pub(crate) struct Ack {
     pub again_in_ms: Option<f64>,
     /// The job's progress reported last and not stored yet (JSON text).
     pub progress: Option<String>,
-    /// Seconds of worker time the job took, for its tenant's lane cost (fair fetch).
-    pub secs: Option<f64>,
 }
 
 impl Ack {
@@ -55,30 +53,18 @@ impl Ack {
             result: outcome.last_result(),
             again_in_ms: outcome.run_again_in().map(|d| d.as_secs_f64() * 1000.0),
             progress: progress.and_then(|p| serde_json::to_string(&p).ok()),
-            secs: None,
         }
-    }
-
-    /// The same ack, recording that the job took `secs` of worker time.
-    pub(crate) fn took(mut self, secs: Option<f64>) -> Self {
-        self.secs = secs;
-        self
     }
 }
 
 /// The acks of every job that ended while the previous write was in flight, in one statement.
 /// A snoozed job goes back to `Pending` (no `done_at`, no lock) for its new `run_at`.
-///
-/// The same statement moves each acked tenant's lane cost (the fair fetch's estimate of worker
-/// time per job) halfway towards what its jobs just took; a lane another statement holds keeps
-/// its estimate this time, so an ack never waits for a fetch.
 const ACK: &str = "
 with d as (
     select * from jsonb_to_recordset($1::jsonb)
         as d(id text, worker text, status text, attempt integer, result jsonb,
-             again_in_ms double precision, progress text, secs double precision)
-),
-acked as (
+             again_in_ms double precision, progress text)
+)
 update apalis.jobs j
 set status = d.status, attempts = d.attempt, last_result = d.result,
     done_at = case when d.status = 'Pending' then null else now() end,
@@ -88,21 +74,7 @@ set status = d.status, attempts = d.attempt, last_result = d.result,
     metadata = case when d.progress is null then j.metadata
                     else coalesce(j.metadata, ''::hstore) || hstore('progress', d.progress) end
 from d
-where j.id = d.id and j.lock_by = d.worker
-returning j.job_type, coalesce(j.metadata -> 'tenant_id', '') as tenant, d.secs
-),
-took as (
-    select job_type, tenant, avg(secs) as secs from acked where secs is not null group by 1, 2
-),
-lanes as (
-    select l.queue, l.tenant, t.secs from apalis.tenant_lanes l
-    join took t on t.job_type = l.queue and t.tenant = l.tenant
-    order by 1, 2
-    for no key update of l skip locked
-)
-update apalis.tenant_lanes l set cost = l.cost * 0.5 + lanes.secs * 0.5
-from lanes
-where l.queue = lanes.queue and l.tenant = lanes.tenant";
+where j.id = d.id and j.lock_by = d.worker";
 
 type AckReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 type AckItem = (Vec<Ack>, AckReply);

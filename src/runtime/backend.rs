@@ -16,19 +16,10 @@
 //! ## Fairness
 //!
 //! With fairness on (the default, `worker.fairness`), the tenant is not the oldest job's but
-//! the next one's in a weighted fair order across every worker on the queue: `apalis.fair_fetch`
-//! (in `db/fair_fetch.sql`, installed by `setup`) keeps one *lane* per tenant with work and a
-//! virtual time per lane. Each fetch serves the ready lane with the lowest virtual time, takes
-//! up to about `worker.fair_quantum_ms` of its jobs (by the lane's measured cost per job, at
-//! most `batch_size`, at most what the tenant's `max_running` cap leaves) and advances the
-//! lane by their cost divided by the tenant's weight; the acks feed the measured cost back.
-//! So each tenant with work gets a share of worker time in proportion to its weight, whatever
-//! the length of its backlog; a lone tenant gets everything (work-conserving); a tenant at its
-//! cap is passed over, not waited for; a paused tenant's lane waits. Claims of one tenant are
-//! serialised on its lane row, so a cap holds across workers without a count-then-claim race,
-//! and a fetch never waits for a lock another fetch holds (it takes the next lane, and tries
-//! again at once when all it found were held). Within a tenant the order is apalis's:
-//! priority, then `run_at`.
+//! the next one's in a weighted fair order across every worker on the queue: see
+//! [`FetchOrder`], and the repository's `docs/design.md` for the lanes and their locking.
+//! The worker measures the time each tenant's jobs take ([`CostBook`]) and reports it with
+//! its next fetch.
 //!
 //! Everything else (registering, heartbeats, orphan re-enqueue, acks, pushes) runs
 //! apalis-postgres's own queries, so `jobs show`, retries, the scheduler and plain apalis
@@ -100,13 +91,110 @@ set worker_type = excluded.worker_type,
 where pg_try_advisory_lock(hashtext(workers.id))";
 
 /// The fair fetch (see the module's documentation): `apalis.fair_fetch` returns job rows and
-/// marker rows (`id` null) saying why it returned none.
-const FAIR_FETCH: &str = "select id, job, job_type, attempts, max_attempts, note
-from apalis.fair_fetch($1, $2, $3, $4, $5)";
+/// marker rows (`id` null) saying why it returned none. `$6`..`$9` are the [`CostBook`]'s
+/// report.
+const FAIR_FETCH: &str = "select id, job, job_type, attempts, max_attempts, tenant, charged, note
+from apalis.fair_fetch($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-/// How often an empty fair fetch that skipped lanes held by other fetches is tried again at
-/// once, before the worker waits for its next wake-up.
-const BUSY_RETRIES: usize = 3;
+/// How often an empty fair fetch that skipped lanes held by other fetches is tried again,
+/// 1 ms apart, before the worker waits for its next wake-up. A lane is held only for one
+/// fetch statement, so this is about 20 of them.
+const BUSY_RETRIES: usize = 20;
+
+/// The fair fetch's accounting in this process, per routing tenant: what its claims were
+/// charged (the lane's cost estimate at the time, per job) and what the jobs then took. The
+/// next fetch corrects each lane's virtual time by the difference, so a tenant whose jobs were
+/// underestimated (a new tenant's first claim, a tenant whose jobs got slower) pays what it
+/// used, and folds the measured time into the lane's estimate, under the lane lock the fetch
+/// takes anyway: accounting costs no write of its own and never waits for a lock.
+#[derive(Debug, Default)]
+pub(crate) struct CostBook {
+    tenants: std::sync::Mutex<std::collections::HashMap<String, Account>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Account {
+    /// Claimed, not finished: jobs and what they were charged.
+    open_jobs: f64,
+    open_charged: f64,
+    /// Finished since the last report: jobs, seconds they took, what they were charged.
+    jobs: f64,
+    secs: f64,
+    charged: f64,
+}
+
+/// What one fetch reports per tenant: jobs finished, the mean seconds each took, and what
+/// their claims were charged in all.
+#[derive(Debug, Default)]
+struct Report {
+    tenants: Vec<String>,
+    jobs: Vec<f64>,
+    secs_per_job: Vec<f64>,
+    charged: Vec<f64>,
+}
+
+impl CostBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Account>> {
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fetch claimed `jobs` jobs of `tenant`, charging `per_job` seconds each.
+    fn claimed(&self, tenant: &str, jobs: usize, per_job: f64) {
+        let mut tenants = self.lock();
+        let a = tenants.entry(tenant.to_string()).or_default();
+        a.open_jobs += jobs as f64;
+        a.open_charged += jobs as f64 * per_job;
+    }
+
+    /// `jobs` jobs of `tenant` took `secs` of worker time in all.
+    pub(crate) fn record(&self, tenant: &str, secs: f64, jobs: usize) {
+        if jobs == 0 || !secs.is_finite() {
+            return;
+        }
+        let mut tenants = self.lock();
+        let a = tenants.entry(tenant.to_string()).or_default();
+        let jobs = jobs as f64;
+        // What these jobs were charged: the average over the tenant's open claims.
+        let charged = if a.open_jobs > 0.0 {
+            let share = (jobs / a.open_jobs).min(1.0);
+            let c = a.open_charged * share;
+            a.open_charged -= c;
+            a.open_jobs = (a.open_jobs - jobs).max(0.0);
+            c
+        } else {
+            secs
+        };
+        a.jobs += jobs;
+        a.secs += secs;
+        a.charged += charged;
+    }
+
+    /// Everything finished since the last report, and forgets it.
+    fn report(&self) -> Report {
+        let mut tenants = self.lock();
+        let mut r = Report::default();
+        for (tenant, a) in tenants.iter_mut() {
+            if a.jobs > 0.0 {
+                r.tenants.push(tenant.clone());
+                r.jobs.push(a.jobs);
+                r.secs_per_job.push(a.secs / a.jobs);
+                r.charged.push(a.charged);
+                (a.jobs, a.secs, a.charged) = (0.0, 0.0, 0.0);
+            }
+        }
+        tenants.retain(|_, a| a.open_jobs > 0.0);
+        r
+    }
+
+    /// A report the fetch could not apply (the lane was held): kept for the next one.
+    fn keep(&self, report: &Report, i: usize) {
+        let mut tenants = self.lock();
+        let a = tenants.entry(report.tenants[i].clone()).or_default();
+        a.jobs += report.jobs[i];
+        a.secs += report.secs_per_job[i] * report.jobs[i];
+        a.charged += report.charged[i];
+    }
+}
 
 #[derive(sqlx::FromRow)]
 struct FairRow {
@@ -115,17 +203,30 @@ struct FairRow {
     job_type: Option<String>,
     attempts: Option<i32>,
     max_attempts: Option<i32>,
+    tenant: Option<String>,
+    charged: Option<f64>,
     note: Option<String>,
 }
 
-/// How [`TenantStorage`] picks the tenant of a fetch.
+/// How the worker picks the tenant of each fetch (`worker.fairness`).
+///
+/// With [`FetchOrder::Fair`] (the default), `apalis.fair_fetch` keeps one *lane* per tenant
+/// with work and a virtual time per lane. Each fetch serves the ready lane with the lowest
+/// virtual time, takes up to about `quantum` of its jobs (by the lane's measured worker time
+/// per job; at most `batch_size`, at most what the tenant's `max_running` leaves) and advances
+/// the lane by their cost divided by the tenant's weight. So each tenant with work gets worker
+/// time in proportion to its weight whatever the length of its backlog, a tenant alone gets
+/// all of it, a tenant at its cap is passed over (never waited for), and a paused tenant's
+/// jobs wait. Within a tenant: priority, then `run_at`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FetchOrder {
     /// The oldest runnable job's tenant (strict FIFO between tenants).
     Oldest,
     /// Weighted fair share between tenants, each fetch about `quantum` of one tenant's work.
     Fair {
-        /// Worker time one fetch aims to take from one tenant.
+        /// Worker (slot) time one fetch aims to take from one tenant; the worker uses
+        /// `worker.fair_quantum_ms × worker.concurrency`, so that with every slot busy one
+        /// frees about every `fair_quantum_ms`.
         quantum: std::time::Duration,
     },
 }
@@ -277,61 +378,117 @@ pub struct TenantPersistence {
     /// The kinds this worker runs: the only ones it fetches.
     kinds: Vec<String>,
     order: FetchOrder,
+    costs: std::sync::Arc<CostBook>,
 }
 
-impl TenantPersistence {
-    async fn fetch_fair(
-        &self,
-        worker: &WorkerContext,
-        quantum: std::time::Duration,
-    ) -> Result<Vec<Row>, Error> {
-        for retry in 0..=BUSY_RETRIES {
-            let found: Vec<FairRow> = sqlx::query_as(FAIR_FETCH)
-                .bind(worker.name())
-                .bind(self.config.queue.as_ref())
-                .bind(self.config.batch_size as i32)
-                .bind(&self.kinds)
-                .bind(quantum.as_secs_f64())
-                .fetch_all(&self.pool)
-                .await?;
-            let mut rows = Vec::with_capacity(found.len());
-            let mut busy = false;
-            for row in found {
-                match row {
-                    FairRow {
-                        id: Some(id),
-                        job: Some(job),
-                        job_type: Some(job_type),
-                        attempts: Some(attempts),
-                        max_attempts: Some(max_attempts),
-                        ..
-                    } => rows.push(Row {
+/// One fetch exactly as the worker makes it: claims up to `batch` runnable jobs of `kinds`, all
+/// of one tenant, for the registered worker `worker`, marking them `Running`, and returns how
+/// many it claimed. For measuring the fetch (`bench`) and for tools that drive the queue
+/// directly; a [`crate::Worker`] fetches the same way through its apalis backend.
+///
+/// # Errors
+/// Database errors.
+pub async fn fetch_once(
+    pool: &PgPool,
+    worker: &str,
+    queue: &str,
+    batch: usize,
+    kinds: &[String],
+    order: FetchOrder,
+) -> Result<usize, sqlx::Error> {
+    let costs = CostBook::default();
+    Ok(fetch(pool, worker, queue, batch, kinds, order, &costs)
+        .await?
+        .len())
+}
+
+async fn fetch(
+    pool: &PgPool,
+    worker: &str,
+    queue: &str,
+    batch: usize,
+    kinds: &[String],
+    order: FetchOrder,
+    costs: &CostBook,
+) -> Result<Vec<Row>, sqlx::Error> {
+    let quantum = match order {
+        FetchOrder::Oldest => {
+            return sqlx::query_as(FETCH)
+                .bind(worker)
+                .bind(queue)
+                .bind(batch as i32)
+                .bind(kinds)
+                .fetch_all(pool)
+                .await;
+        }
+        FetchOrder::Fair { quantum } => quantum,
+    };
+    for retry in 0..=BUSY_RETRIES {
+        let report = costs.report();
+        let found: Vec<FairRow> = sqlx::query_as(FAIR_FETCH)
+            .bind(worker)
+            .bind(queue)
+            .bind(batch as i32)
+            .bind(kinds)
+            .bind(quantum.as_secs_f64())
+            .bind(&report.tenants)
+            .bind(&report.jobs)
+            .bind(&report.secs_per_job)
+            .bind(&report.charged)
+            .fetch_all(pool)
+            .await?;
+        let mut rows = Vec::with_capacity(found.len());
+        let mut busy = false;
+        let mut claimed: Option<(String, f64)> = None;
+        for row in found {
+            match row {
+                FairRow {
+                    id: Some(id),
+                    job: Some(job),
+                    job_type: Some(job_type),
+                    attempts: Some(attempts),
+                    max_attempts: Some(max_attempts),
+                    tenant,
+                    charged,
+                    ..
+                } => {
+                    if claimed.is_none() {
+                        claimed = Some((tenant.unwrap_or_default(), charged.unwrap_or(0.0)));
+                    }
+                    rows.push(Row {
                         id,
                         job,
                         job_type,
                         attempts,
                         max_attempts,
-                    }),
-                    FairRow {
-                        note: Some(note), ..
-                    } if note == "busy" => busy = true,
-                    FairRow {
-                        note: Some(note), ..
-                    } => {
-                        if let Some(tenant) = note.strip_prefix("capped ") {
-                            tracing::debug!(%tenant, "tenant held at its max_running cap");
-                        }
-                    }
-                    FairRow { .. } => {}
+                    });
                 }
+                FairRow {
+                    note: Some(note), ..
+                } if note == "busy" => busy = true,
+                FairRow {
+                    note: Some(note), ..
+                } => {
+                    if let Some(tenant) = note.strip_prefix("capped ") {
+                        tracing::debug!(%tenant, "tenant held at its max_running cap");
+                    } else if let Some(tenant) = note.strip_prefix("kept ")
+                        && let Some(i) = report.tenants.iter().position(|t| t == tenant)
+                    {
+                        costs.keep(&report, i);
+                    }
+                }
+                FairRow { .. } => {}
             }
-            if !rows.is_empty() || !busy || retry == BUSY_RETRIES {
-                return Ok(rows);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        Ok(Vec::new())
+        if let Some((tenant, per_job)) = claimed {
+            costs.claimed(&tenant, rows.len(), per_job);
+        }
+        if !rows.is_empty() || !busy || retry == BUSY_RETRIES {
+            return Ok(rows);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+    Ok(Vec::new())
 }
 
 impl Persistence for TenantPersistence {
@@ -370,18 +527,16 @@ impl Persistence for TenantPersistence {
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
         // One statement, so no explicit transaction: its autocommit is the whole claim.
-        let rows: Vec<Row> = match self.order {
-            FetchOrder::Oldest => {
-                sqlx::query_as(FETCH)
-                    .bind(worker.name())
-                    .bind(self.config.queue.as_ref())
-                    .bind(self.config.batch_size as i32)
-                    .bind(&self.kinds)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            FetchOrder::Fair { quantum } => self.fetch_fair(worker, quantum).await?,
-        };
+        let rows = fetch(
+            &self.pool,
+            worker.name(),
+            self.config.queue.as_ref(),
+            self.config.batch_size,
+            &self.kinds,
+            self.order,
+            &self.costs,
+        )
+        .await?;
         Ok(Group::task(rows).into_iter().collect())
     }
 
@@ -438,14 +593,21 @@ pub struct TenantStorage {
 
 impl TenantStorage {
     /// A backend for `config.queue` on `pool` (the queue role's), fetching jobs of `kinds`
-    /// in `order`.
-    pub fn new(pool: &PgPool, config: Config, kinds: Vec<String>, order: FetchOrder) -> Self {
+    /// in `order`, with the worker time the worker records in `costs`.
+    pub(crate) fn new(
+        pool: &PgPool,
+        config: Config,
+        kinds: Vec<String>,
+        order: FetchOrder,
+        costs: std::sync::Arc<CostBook>,
+    ) -> Self {
         Self {
             persistence: Persisted::new(TenantPersistence {
                 pool: pool.clone(),
                 config,
                 kinds,
                 order,
+                costs,
             }),
             codec: GroupCodec,
         }

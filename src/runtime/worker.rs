@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ack::{Ack, Acker, ProgressWriter};
-use super::backend::{FetchOrder, Group, TenantStorage};
+use super::backend::{CostBook, Group, TenantStorage};
+pub use super::backend::{FetchOrder, fetch_once};
 pub use super::execute::Summary;
 use super::execute::{Ended, Executor, Ready, Stats};
 use crate::config::Settings;
@@ -174,6 +175,7 @@ impl WorkerBuilder {
         Ok(Worker {
             state: WorkerState {
                 acker: Arc::new(Acker::new(queue_pool.clone())),
+                costs: Arc::default(),
                 queue_pool,
                 slots: Arc::new(tokio::sync::Semaphore::new(
                     settings.worker.concurrency.max(1),
@@ -244,6 +246,8 @@ struct WorkerState {
     slots: Arc<tokio::sync::Semaphore>,
     /// Writes job outcomes back to the queue.
     acker: Arc<Acker>,
+    /// Worker time per tenant, for the fair fetch.
+    costs: Arc<CostBook>,
 }
 
 /// The apalis handler: one fetched [`Group`] of jobs, normally all of one tenant.
@@ -277,7 +281,7 @@ async fn handle(
     }
     let mut units: Vec<futures::future::BoxFuture<'_, ()>> = Vec::new();
     if !rejected.is_empty() {
-        units.push(Box::pin(write_back(state, worker, rejected, None)));
+        units.push(Box::pin(write_back(state, worker, rejected)));
     }
     for (tenant, members) in rounds {
         if members.len() == 1 {
@@ -296,9 +300,11 @@ async fn handle(
                 return;
             }
             let started = std::time::Instant::now();
+            let tenant = ready.tenant;
             let ended = state.exec.run_alone(ready).await;
             let secs = started.elapsed().as_secs_f64();
-            write_back(state, worker, vec![ended], Some(secs)).await;
+            state.costs.record(&tenant.to_string(), secs, 1);
+            write_back(state, worker, vec![ended]).await;
         }));
     }
     futures::future::join_all(units).await;
@@ -347,17 +353,17 @@ async fn run_round_unit(
     }
     let again = futures::future::join_all(again.into_iter().map(|r| exec.run_alone(r)));
     ended.extend(again.await);
-    let secs = started.elapsed().as_secs_f64() / ended.len().max(1) as f64;
-    write_back(state, worker, ended, Some(secs)).await;
+    let secs = started.elapsed().as_secs_f64();
+    state.costs.record(&tenant.to_string(), secs, ended.len());
+    write_back(state, worker, ended).await;
 }
 
-/// Writes the outcomes of ended deliveries back to the queue, in one statement, with the worker
-/// time each took (`secs`, for the fair fetch's cost estimate; `None` for jobs that never ran).
-async fn write_back(state: &WorkerState, worker: &str, ended: Vec<Ended>, secs: Option<f64>) {
+/// Writes the outcomes of ended deliveries back to the queue, in one statement.
+async fn write_back(state: &WorkerState, worker: &str, ended: Vec<Ended>) {
     let acks: Vec<Ack> = ended
         .into_iter()
         .filter(|e| e.ack)
-        .map(|e| Ack::new(e.id, worker, e.attempt, &e.outcome, e.progress).took(secs))
+        .map(|e| Ack::new(e.id, worker, e.attempt, &e.outcome, e.progress))
         .collect();
     if acks.is_empty() {
         return;
@@ -687,12 +693,14 @@ where
         let strategy = wake_strategy(&pool, &s.queue, Duration::from_millis(s.poll_interval_ms));
         let order = if s.fairness {
             FetchOrder::Fair {
-                quantum: Duration::from_millis(s.fair_quantum_ms),
+                // With every slot busy, one frees about every `fair_quantum_ms`.
+                quantum: Duration::from_millis(s.fair_quantum_ms) * s.concurrency.max(1) as u32,
             }
         } else {
             FetchOrder::Oldest
         };
-        let backend = TenantStorage::new(&pool, config, kinds, order).poll_with_strategy(strategy);
+        let backend = TenantStorage::new(&pool, config, kinds, order, state.costs.clone())
+            .poll_with_strategy(strategy);
         apalis_core::worker::builder::WorkerBuilder::new(name.as_str())
             .backend(backend)
             .data(state.clone())

@@ -155,7 +155,7 @@ impl Ctx {
                 "truncate public.rollup_changes, public.rollup_runs, public.rollups,
                           public.job_runs, public.schedule_fires, public.schedules,
                           public.records, public.tenants cascade;
-                 truncate apalis.jobs, apalis.workers cascade;
+                 truncate apalis.jobs, apalis.workers, apalis.tenant_lanes cascade;
                  drop table if exists public.bench_scratch",
             )
             .await?;
@@ -224,15 +224,17 @@ impl Ctx {
 
     /// Our worker, with the built-in kinds.
     pub(crate) fn worker(&self) -> Result<Worker> {
-        let keyring = client::keyring(&self.settings, None)?;
-        Ok(Worker::builder(
-            self.app.clone(),
-            self.queue.clone(),
-            keyring,
-            &self.settings,
+        self.worker_with(&self.settings)
+    }
+
+    /// Our worker with the built-in kinds and other settings (e.g. fairness off).
+    pub(crate) fn worker_with(&self, settings: &Settings) -> Result<Worker> {
+        let keyring = client::keyring(settings, None)?;
+        Ok(
+            Worker::builder(self.app.clone(), self.queue.clone(), keyring, settings)
+                .registry(&self.kinds)
+                .build()?,
         )
-        .registry(&self.kinds)
-        .build()?)
     }
 
     /// Our worker, in this process, until the queue is idle.

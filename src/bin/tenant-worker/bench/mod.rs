@@ -80,6 +80,20 @@
 //!   favours neither); the rate is over both runs. `EXPLAIN (ANALYZE, BUFFERS)` of the query
 //!   on each side goes into the JSON, with whether it is an index scan (a warning is printed
 //!   when ours is not).
+//! - **fairness**: the fair fetch (the default) against strict FIFO between tenants
+//!   (`worker.fairness = false`, the fetch before fairness), each case in the same run with
+//!   otherwise equal settings, our worker in-process. *Flood*: one tenant's backlog is queued,
+//!   the worker starts, and after a moment ten small tenants enqueue ten jobs each; their
+//!   enqueue-to-done (`apalis.jobs.run_at`, the enqueuer's clock, to `job_runs.finished_at`) and
+//!   the drain's rate (server clock before the start to the last `done_at`). *Many tenants*:
+//!   many tenants' jobs interleaved, drained (FIFO first, the flood's other order). *Cap*: a
+//!   tenant at `max_running = 2` and another, each with slow `noop`s (`sleep_ms`); running rows
+//!   per tenant sampled every 10 ms; the other tenant's drain against its jobs alone.
+//!   *Weights*: 3 against 1, both flooded; completed jobs per window by `finished_at`, the first
+//!   window not counted. *Fetch at scale*: rows inserted set-based (the fetch reads only the
+//!   routing metadata), then [`tenant_worker::worker::fetch_once`] in each order, alternating,
+//!   timed at the client.
+//!
 //! # Peak memory of the child worker
 //!
 //! Exact where possible: `getrusage(RUSAGE_CHILDREN).ru_maxrss` is the largest peak RSS of all
@@ -141,11 +155,13 @@ pub enum Scenario {
     Scale,
     /// Scoped transactions with the verified context versus the trusting policy.
     Context,
+    /// Small tenants' latency behind a flooding tenant, shares, caps: fair fetch versus FIFO.
+    Fairness,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Export,
@@ -153,6 +169,7 @@ impl Scenario {
         Scenario::Rollup,
         Scenario::Scale,
         Scenario::Context,
+        Scenario::Fairness,
     ];
 
     /// The scenario's name on the command line and in the report.
@@ -165,6 +182,7 @@ impl Scenario {
             Scenario::Rollup => "rollup",
             Scenario::Scale => "scale",
             Scenario::Context => "context",
+            Scenario::Fairness => "fairness",
         }
     }
 }
@@ -203,6 +221,20 @@ pub(crate) struct Sizes {
     pub(crate) context_tenant_rows: i64,
     pub(crate) context_other_rows: i64,
     pub(crate) context_secs: u64,
+    /// The flooding tenant's backlog.
+    pub(crate) fair_flood_jobs: usize,
+    /// Into the drain when the small tenants enqueue.
+    pub(crate) fair_flood_after_ms: u64,
+    /// Tenants × jobs each of the many-tenants drain.
+    pub(crate) fair_many_tenants: usize,
+    /// Slow (200 ms) jobs per tenant of the cap case.
+    pub(crate) fair_cap_jobs: usize,
+    /// Windows (and their length) of the weights case.
+    pub(crate) fair_windows: usize,
+    pub(crate) fair_window_secs: f64,
+    /// Queued jobs and tenants with work for the fetch-at-scale case.
+    pub(crate) fair_scale_jobs: i64,
+    pub(crate) fair_scale_tenants: i64,
 }
 
 impl Sizes {
@@ -223,6 +255,14 @@ impl Sizes {
                 context_tenant_rows: 1_000,
                 context_other_rows: 20_000,
                 context_secs: 1,
+                fair_flood_jobs: 5_000,
+                fair_flood_after_ms: 200,
+                fair_many_tenants: 200,
+                fair_cap_jobs: 12,
+                fair_windows: 2,
+                fair_window_secs: 1.0,
+                fair_scale_jobs: 50_000,
+                fair_scale_tenants: 1_000,
             }
         } else {
             Sizes {
@@ -240,6 +280,14 @@ impl Sizes {
                 context_tenant_rows: 1_000,
                 context_other_rows: 200_000,
                 context_secs: 3,
+                fair_flood_jobs: 50_000,
+                fair_flood_after_ms: 1_000,
+                fair_many_tenants: 1_000,
+                fair_cap_jobs: 100,
+                fair_windows: 3,
+                fair_window_secs: 5.0,
+                fair_scale_jobs: 1_000_000,
+                fair_scale_tenants: 10_000,
             }
         }
     }
@@ -352,6 +400,7 @@ async fn run_on(
             Scenario::Rollup => scenarios::rollup::run(&ctx).await,
             Scenario::Scale => scenarios::scale::run(&ctx).await,
             Scenario::Context => scenarios::context::run(&ctx).await,
+            Scenario::Fairness => scenarios::fairness::run(&ctx).await,
         }
         .with_context(|| format!("scenario `{}` failed", scenario.name()))?;
         for r in &outcome.rows {

@@ -2,6 +2,7 @@
 
 pub(crate) mod context;
 pub(crate) mod export;
+pub(crate) mod fairness;
 pub(crate) mod import;
 pub(crate) mod latency;
 pub(crate) mod rollup;
