@@ -159,24 +159,25 @@ begin
             where x.queue = p_queue and x.tenant = any(p_cost_tenants)
             order by x.tenant
             for no key update skip locked
-        ), measured as (
-            select m.tenant, m.jobs, m.charged,
-                   case when l.cost is null then greatest(m.secs, 1e-6)
-                        else l.cost * 0.75 + least(greatest(m.secs, 1e-6), l.cost * 10) * 0.25
-                   end as cost,
-                   coalesce((select t.weight from public.tenants t where t.id = l.registry_id), 1)
-                       as weight
+        ), applied as (
+            -- By primary key, one lane at a time (a join through `measured` lanes read the
+            -- whole table); the new estimate is written out twice as SET sees the old row.
+            update apalis.tenant_lanes l
+            set cost = case when l.cost is null then greatest(m.secs, 1e-6)
+                            else l.cost * 0.75 + least(greatest(m.secs, 1e-6), l.cost * 10) * 0.25
+                       end,
+                vtime = l.vtime
+                        + (m.jobs * case when l.cost is null then greatest(m.secs, 1e-6)
+                                         else l.cost * 0.75
+                                              + least(greatest(m.secs, 1e-6), l.cost * 10) * 0.25
+                                    end
+                           - m.charged)
+                        / coalesce((select t.weight from public.tenants t
+                                    where t.id = l.registry_id), 1)
             from held
-            join apalis.tenant_lanes l on l.queue = p_queue and l.tenant = held.tenant
             join unnest(p_cost_tenants, p_cost_jobs, p_cost_secs, p_cost_charged)
                      as m(tenant, jobs, secs, charged) on m.tenant = held.tenant
-        ), applied as (
-            update apalis.tenant_lanes l
-            set cost = measured.cost,
-                vtime = l.vtime
-                        + (measured.jobs * measured.cost - measured.charged) / measured.weight
-            from measured
-            where l.queue = p_queue and l.tenant = measured.tenant
+            where l.queue = p_queue and l.tenant = held.tenant
             returning l.tenant
         )
         select null::text, null::bytea, null::text, null::integer, null::integer, null::text,
