@@ -234,6 +234,14 @@ begin
         end if;
         est := greatest(coalesce(est, p_quantum / p_batch), 1e-6);
         k := least(p_batch, greatest(1, floor(p_quantum / est))::integer);
+        if lane.cost is null and k > 4 and exists (
+            select 1 from apalis.tenant_lanes x
+            where x.queue = p_queue and x.active and x.cost is not null and x.tenant <> lane.tenant)
+        then
+            -- Others are measured and this one is not: its jobs may be far longer than theirs,
+            -- so a few until it reports, rather than a batch that could fill every slot.
+            k := 4;
+        end if;
         if lane.max_running is not null then
             select count(*) into running from (
                 select 1 from apalis.jobs r
