@@ -55,6 +55,7 @@
 //! - [`scope`]: scoped transactions; [`tenant`]: the tenant registry.
 //! - [`queue`]: enqueueing and inspecting jobs; [`envelope`]: the signed envelope and keys.
 //! - [`worker`]: running jobs; [`schedule`]: per-tenant cron schedules.
+//! - [`http`]: the HTTP API (enqueue with a login token, from any language).
 //! - [`db`]: connections, `setup`, `audit`; [`embedded`]: the private PostgreSQL clusters;
 //!   [`config`]: settings; [`client`]: all of it from one [`Settings`].
 //!
@@ -67,6 +68,7 @@ pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod envelope;
+pub mod http;
 pub mod ids;
 pub mod job;
 pub mod jobs;

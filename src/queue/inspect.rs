@@ -240,6 +240,82 @@ pub async fn list_of_kind(
     Ok(out)
 }
 
+/// The SQL condition on an `apalis.jobs` row for each [`JobState`], the same reading of the
+/// row as `to_info`'s (a test holds them together).
+fn state_condition(state: JobState) -> &'static str {
+    // The stored error text without apalis's wrapper-type prefix.
+    macro_rules! err {
+        () => {
+            "regexp_replace(coalesce(last_result ->> 'Err', ''), '^AbortError: ', '')"
+        };
+    }
+    match state {
+        JobState::Pending => "(status = 'Pending' and not coalesce(run_at > now(), false))",
+        JobState::Scheduled => "(status = 'Pending' and run_at > now() and attempts = 0)",
+        JobState::Retrying => {
+            "((status = 'Pending' and run_at > now() and attempts > 0)
+              or (status = 'Failed' and attempts < max_attempts))"
+        }
+        JobState::Running => "(status in ('Queued', 'Running'))",
+        JobState::Done => "(status = 'Done')",
+        JobState::Rejected => concat!(
+            "(status = 'Killed' and starts_with(",
+            err!(),
+            ", 'rejected: '))"
+        ),
+        JobState::Cancelled => concat!(
+            "(status = 'Killed' and not starts_with(",
+            err!(),
+            ", 'rejected: ') and starts_with(",
+            err!(),
+            ", 'cancelled: '))"
+        ),
+        JobState::Dead => concat!(
+            "((status = 'Failed' and attempts >= max_attempts)
+              or (status = 'Killed' and not starts_with(",
+            err!(),
+            ", 'rejected: ')
+                  and not starts_with(",
+            err!(),
+            ", 'cancelled: '))
+              or status not in ('Pending', 'Queued', 'Running', 'Done', 'Failed', 'Killed'))"
+        ),
+    }
+}
+
+/// One page of a tenant's jobs, newest first: those older than the job `before` (the last
+/// job of the previous page) when given, of `state` and `kind` when given. Filters run in the
+/// query, so a page costs about its size whatever the tenant's history.
+///
+/// # Errors
+/// Database errors.
+pub async fn page(
+    pool: &PgPool,
+    queue: &str,
+    tenant: TenantId,
+    state: Option<JobState>,
+    kind: Option<&str>,
+    before: Option<JobId>,
+    limit: i64,
+) -> Result<Vec<JobInfo>> {
+    let condition = state.map_or("true", state_condition);
+    let rows: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_JOBS} where job_type = $1 and metadata -> 'tenant_id' = $2
+             and ($3::text is null or metadata -> 'kind' = $3)
+             and ($4::text is null or id < $4)
+             and {condition}
+         order by id desc limit $5"
+    )))
+    .bind(queue)
+    .bind(tenant.to_string())
+    .bind(kind)
+    .bind(before.map(|b| b.to_ulid().to_string()))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(to_info).collect())
+}
+
 /// The `apalis.jobs` row id (ULID text) of a job id given in UUID or ULID form.
 fn row_id(id: &str) -> Result<String> {
     JobId::parse_any(id)
@@ -349,6 +425,15 @@ mod tests {
         assert_eq!(to_info(row("Pending", None)).state, JobState::Pending);
         assert_eq!(to_info(row("Queued", Some("w"))).state, JobState::Running);
         assert_eq!(to_info(row("Running", Some("w"))).state, JobState::Running);
+    }
+
+    #[test]
+    fn the_state_filters_match_the_stored_prefixes() {
+        let rejected = state_condition(JobState::Rejected);
+        let cancelled = state_condition(JobState::Cancelled);
+        assert!(rejected.contains(&format!("'{REJECTED_PREFIX}'")));
+        assert!(cancelled.contains(&format!("'{CANCELLED_PREFIX}'")));
+        assert!(state_condition(JobState::Dead).contains(&format!("'{CANCELLED_PREFIX}'")));
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub mod enqueue;
 pub mod inspect;
 
 pub use enqueue::{Enqueued, Enqueuer, NewJob};
-pub use inspect::{JobInfo, TenantLoad, cancel, list, list_of_kind, retry, show, tenant_loads};
+pub use inspect::{
+    JobInfo, TenantLoad, cancel, list, list_of_kind, page, retry, show, tenant_loads,
+};
 
 use crate::envelope::Rejection;
 

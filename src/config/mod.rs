@@ -16,6 +16,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;
 
+mod http;
+
+pub use http::{ALGORITHMS, HttpKindSettings, HttpSettings, JwtSettings};
+
 /// Errors from loading or validating settings. Each names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,6 +71,9 @@ fn unknown_key(key: String) -> Error {
         "exports" => fields::<ExportSettings>(),
         "imports" => fields::<ImportSettings>(),
         "jobs" => fields::<JobsSettings>(),
+        "http" => fields::<HttpSettings>(),
+        "http.jwt" => fields::<JwtSettings>(),
+        "http.kinds" => fields::<HttpKindSettings>(),
         s if s.starts_with("kinds.") && !s["kinds.".len()..].contains('.') => {
             fields::<KindSettings>()
         }
@@ -121,6 +128,9 @@ pub struct Settings {
     pub imports: ImportSettings,
     /// Where declared jobs are read from.
     pub jobs: JobsSettings,
+    /// The HTTP enqueue API (`tenant-worker serve`); checked by [`HttpSettings::validate`]
+    /// when it is served.
+    pub http: HttpSettings,
     /// Per-kind policy overrides, by kind name (`[kinds.export] timeout_secs = 3600`): they
     /// win over the kind's own defaults.
     pub kinds: BTreeMap<String, KindSettings>,
