@@ -206,8 +206,7 @@ pub(super) async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let caller = api.caller(&headers).await?;
-    api.check_tenant(&caller).await?;
+    let caller = api.active_caller(&headers).await?;
     Ok(Json(api.own_job(&caller, &id).await?))
 }
 
@@ -216,10 +215,9 @@ pub(super) async fn list(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
-    let caller = api.caller(&headers).await?;
+    let caller = api.active_caller(&headers).await?;
     let Query(query) =
         query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
-    api.check_tenant(&caller).await?;
     let limit = query
         .limit
         .unwrap_or(api.settings().page_size)
@@ -256,8 +254,7 @@ pub(super) async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let caller = api.caller(&headers).await?;
-    api.check_tenant(&caller).await?;
+    let caller = api.active_caller(&headers).await?;
     let job = api.own_job(&caller, &id).await?;
     queue::cancel(api.pool(), &job.id).await?;
     tracing::info!(tenant_id = %caller.tenant, job_id = %job.id, "cancelled over HTTP");

@@ -53,7 +53,7 @@ pub use jobs::{EnqueueRequest, JobPage, JobView, ListQuery};
 
 use crate::client::Client;
 use crate::config::{HttpSettings, Settings};
-use crate::ids::{JobId, TenantId};
+use crate::ids::TenantId;
 use crate::job::Registry;
 use crate::queue::{self, Enqueuer};
 
@@ -185,27 +185,23 @@ impl Api {
         Ok(caller)
     }
 
-    /// Refuses callers whose tenant is not registered and active (enqueueing checks this
-    /// itself, in its insert's transaction).
-    pub(crate) async fn check_tenant(&self, caller: &Caller) -> Result<(), ApiError> {
-        let status: Option<String> =
-            sqlx::query_scalar("select status from public.tenants where id = $1")
-                .bind(caller.tenant.0)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(queue::Error::from)?;
-        match status.as_deref() {
-            None => Err(queue::Error::UnknownTenant(caller.tenant).into()),
-            Some("active") => Ok(()),
-            Some(_) => Err(queue::Error::SuspendedTenant(caller.tenant).into()),
-        }
+    /// [`Api::caller`], refused unless its tenant is registered and active (enqueueing
+    /// checks this itself, in its insert's transaction).
+    pub(crate) async fn active_caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let caller = self.caller(headers).await?;
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(queue::Error::from)?;
+        queue::enqueue::check_tenants(&mut conn, [caller.tenant]).await?;
+        Ok(caller)
     }
 
     /// A job of the caller's tenant; another tenant's job is "not found", like an unknown id.
     pub(crate) async fn own_job(&self, caller: &Caller, id: &str) -> Result<JobView, ApiError> {
-        if JobId::parse_any(id).is_none() {
-            return Err(ApiError::not_found());
-        }
+        // An id that does not parse is `NotFound` too.
         let job = queue::show(&self.inner.pool, id).await?;
         if job.tenant_id.as_deref() != Some(caller.tenant.to_string().as_str()) {
             return Err(ApiError::not_found());

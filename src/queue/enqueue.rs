@@ -266,7 +266,7 @@ impl Enqueuer {
             .into_iter()
             .map(|(t, j)| self.prepare(t, j))
             .collect::<Result<Vec<_>>>()?;
-        check_tenants(conn, &prepared).await?;
+        check_tenants(conn, prepared.iter().map(|p| p.tenant)).await?;
         let ids: Vec<String> = prepared
             .iter()
             .map(|p| p.id.to_ulid().to_string())
@@ -354,8 +354,11 @@ impl Enqueuer {
 /// Refuses jobs for tenants that do not exist or are suspended (the worker checks again when
 /// the job runs, for tenants suspended meanwhile). The queue role reads only the id and status
 /// columns of the registry.
-async fn check_tenants(conn: &mut PgConnection, prepared: &[Prepared]) -> Result<()> {
-    let mut wanted: Vec<uuid::Uuid> = prepared.iter().map(|p| p.tenant.0).collect();
+pub(crate) async fn check_tenants(
+    conn: &mut PgConnection,
+    tenants: impl IntoIterator<Item = TenantId>,
+) -> Result<()> {
+    let mut wanted: Vec<uuid::Uuid> = tenants.into_iter().map(|t| t.0).collect();
     wanted.sort_unstable();
     wanted.dedup();
     let found: Vec<(uuid::Uuid, String)> =
